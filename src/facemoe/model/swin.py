@@ -1,0 +1,239 @@
+"""FaceMoE Swin backbone, written from the architecture spec (shared/reference).
+
+Export-minded choices: every reshape that involves the batch uses -1 (never a traced batch size), window
+and grid sizes are Python ints fixed by the config, and the shifted-window mask is a buffer, so the traced
+graph works for any batch size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from facemoe.model.config import FaceMoEConfig
+from facemoe.model.moe import MoE, RoutingMode
+
+
+def relative_position_index(window: int) -> torch.Tensor:
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+    rel = coords[:, :, None] - coords[:, None, :]
+    return (rel[0] + window - 1) * (2 * window - 1) + (rel[1] + window - 1)
+
+
+def shifted_window_mask(side: int, window: int, shift: int) -> torch.Tensor:
+    """(nW, w*w, w*w) mask: 0 within a region, -100 across regions (spec §2.2)."""
+    labels = torch.zeros(side, side)
+    bounds = (slice(0, side - window), slice(side - window, side - shift), slice(side - shift, side))
+    region = 0
+    for rows in bounds:
+        for cols in bounds:
+            labels[rows, cols] = region
+            region += 1
+    windows = window_partition(labels[None, :, :, None], window, side).squeeze(-1)
+    diff = windows[:, None, :] - windows[:, :, None]
+    return torch.where(diff != 0, torch.tensor(-100.0), torch.tensor(0.0))
+
+
+def window_partition(x: torch.Tensor, window: int, side: int) -> torch.Tensor:
+    """(B, side, side, C) -> (B * nW, window*window, C), windows batch-major then row-major."""
+    channels = x.shape[-1]
+    n = side // window
+    x = x.reshape(-1, n, window, n, window, channels).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, window * window, channels)
+
+
+def window_reverse(windows: torch.Tensor, window: int, side: int) -> torch.Tensor:
+    """(B * nW, window*window, C) -> (B, side, side, C); the batch is inferred, never baked in."""
+    channels = windows.shape[-1]
+    n = side // window
+    x = windows.reshape(-1, n, n, window, window, channels).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, side, side, channels)
+
+
+class WindowAttention(nn.Module):
+    def __init__(self, dim: int, window: int, heads: int, qkv_bias: bool) -> None:
+        super().__init__()
+        self.dim = dim
+        self.window = window
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.scale = self.head_dim**-0.5
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
+        self.register_buffer("relative_position_index", relative_position_index(window))
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    relative_position_index: torch.Tensor
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        tokens = self.window * self.window
+        qkv = self.qkv(x).reshape(-1, tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
+        bias = bias.reshape(tokens, tokens, self.heads).permute(2, 0, 1)
+        attn = attn + bias.unsqueeze(0).to(attn.dtype)
+        if mask is not None:
+            n_windows = mask.shape[0]
+            attn = attn.reshape(-1, n_windows, self.heads, tokens, tokens) + mask[None, :, None].to(attn.dtype)
+            attn = attn.reshape(-1, self.heads, tokens, tokens)
+        attn = attn.softmax(dim=-1)
+        out = (attn @ v).transpose(1, 2).reshape(-1, tokens, self.dim)
+        return self.proj(out)
+
+
+class SwinMoEBlock(nn.Module):
+    def __init__(
+        self, dim: int, side: int, heads: int, window: int, shift: int, cfg: FaceMoEConfig, routing: RoutingMode
+    ) -> None:
+        super().__init__()
+        if side <= window:  # the whole grid is one window: plain global attention, no shift
+            window, shift = side, 0
+        self.side, self.window, self.shift = side, window, shift
+        if shift > 0:
+            self.register_buffer("attn_mask", shifted_window_mask(side, window, shift))
+        else:
+            self.attn_mask = None
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, window, heads, cfg.qkv_bias)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MoE(dim, int(dim * cfg.mlp_ratio), cfg.num_experts, cfg.k, routing)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels = x.shape[-1]
+        y = self.norm1(x).reshape(-1, self.side, self.side, channels)
+        if self.shift:
+            y = torch.roll(y, shifts=(-self.shift, -self.shift), dims=(1, 2))
+        y = window_reverse(
+            self.attn(window_partition(y, self.window, self.side), self.attn_mask), self.window, self.side
+        )
+        if self.shift:
+            y = torch.roll(y, shifts=(self.shift, self.shift), dims=(1, 2))
+        x = x + y.reshape(-1, self.side * self.side, channels)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerging(nn.Module):
+    def __init__(self, dim: int, side: int) -> None:
+        super().__init__()
+        self.side = side
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(4 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels = x.shape[-1]
+        x = x.reshape(-1, self.side, self.side, channels)
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        x = x.reshape(-1, (self.side // 2) ** 2, 4 * channels)
+        return self.reduction(self.norm(x))
+
+
+class Stage(nn.Module):
+    def __init__(self, cfg: FaceMoEConfig, index: int, routing: RoutingMode) -> None:
+        super().__init__()
+        dim, side = cfg.stage_dim(index), cfg.stage_resolution(index)
+        heads, window = cfg.num_heads[index], cfg.window_size
+        self.blocks = nn.ModuleList(
+            SwinMoEBlock(dim, side, heads, window, 0 if i % 2 == 0 else window // 2, cfg, routing)
+            for i in range(cfg.depths[index])
+        )
+        self.downsample = PatchMerging(dim, side) if index < cfg.num_stages - 1 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.downsample(x) if self.downsample is not None else x
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: FaceMoEConfig) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.norm = nn.LayerNorm(cfg.embed_dim) if cfg.patch_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).flatten(2).transpose(1, 2))
+
+
+class FaceMoE(nn.Module):
+    """FaceMoE backbone: (B, 3, 120, 120) in [-1, 1] -> (B, 512) raw (un-normalised) embedding."""
+
+    def __init__(self, cfg: FaceMoEConfig, routing: RoutingMode = "static") -> None:
+        super().__init__()
+        self.config = cfg
+        tokens = cfg.grid**2
+        if cfg.ape:
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, tokens, cfg.embed_dim))
+        else:
+            self.absolute_pos_embed = None
+        self.patch_embed = PatchEmbed(cfg)
+        self.layers = nn.ModuleList(Stage(cfg, i, routing) for i in range(cfg.num_stages))
+        self.norm = nn.LayerNorm(cfg.num_features)
+        flat = cfg.num_features * cfg.final_tokens
+        self.feature_layer = nn.Sequential(
+            nn.BatchNorm1d(flat),
+            nn.Dropout(0.25),
+            nn.Linear(flat, cfg.embedding_size),
+            nn.BatchNorm1d(cfg.embedding_size),
+        )
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02, a=-2.0, b=2.0)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        for module in self.modules():
+            if isinstance(module, WindowAttention):
+                nn.init.trunc_normal_(module.relative_position_bias_table, std=0.02, a=-2.0, b=2.0)
+        if self.absolute_pos_embed is not None:
+            nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02, a=-2.0, b=2.0)
+
+    @property
+    def routing(self) -> str:
+        return self.moe_layers()[0][1].routing
+
+    def moe_layers(self) -> list[tuple[str, MoE]]:
+        """(state-dict prefix, module) of every MoE block, in forward order."""
+        return [(name, m) for name, m in self.named_modules() if isinstance(m, MoE)]
+
+    def set_routing(self, routing: RoutingMode) -> FaceMoE:
+        if routing not in ("sparse", "static"):
+            raise ValueError(f"routing must be 'sparse' or 'static', not {routing!r}")
+        for _, moe in self.moe_layers():
+            moe.routing = routing
+        return self
+
+    def set_k(self, k: int) -> FaceMoE:
+        if not 1 <= k <= self.config.num_experts:
+            raise ValueError(f"k={k} must be between 1 and num_experts={self.config.num_experts}")
+        for _, moe in self.moe_layers():
+            moe.k = k
+        return self
+
+    def aux_loss(self) -> torch.Tensor | None:
+        losses = [m.aux_loss for _, m in self.moe_layers() if m.aux_loss is not None]
+        return torch.stack(losses).sum() if losses else None
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        if self.absolute_pos_embed is not None:
+            x = x + self.absolute_pos_embed.to(x.dtype)
+        for stage in self.layers:
+            x = stage(x)
+        return self.norm(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x).flatten(1)
+        return self.feature_layer(x)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["FaceMoE", "count_parameters"]
