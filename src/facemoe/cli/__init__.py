@@ -1,0 +1,1 @@
+"""Command-line apps: ``facemoe-export``, ``facemoe-run``, ``facemoe-bench`` and ``facemoe <command>``."""

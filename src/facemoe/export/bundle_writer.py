@@ -1,0 +1,309 @@
+"""Writing a deployment bundle: fp32 / fp16 / int8 ONNX, parity report, manifest, atomically.
+
+The bundle is built in a hidden staging directory beside the target and renamed into place only after
+every artifact exists and every parity gate passed, so an interrupted or failed export never leaves a
+directory that looks like a valid bundle.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+import facemoe
+from facemoe.bundle import MANIFEST_NAME, Artifact, Manifest, default_preprocessing
+from facemoe.errors import ExportError
+from facemoe.export import fp16 as fp16_pass
+from facemoe.export.inputs import paired_views, synthetic_faces
+from facemoe.export.onnx_export import INPUT_NAME, OUTPUT_NAME, export_fp32, save_onnx
+from facemoe.export.parity import DEFAULT_GATES, ParityResult, check_artifact, run_reference
+from facemoe.fileio import atomic_directory, sha256_file, write_json_atomic
+from facemoe.model.swin import FaceMoE, count_parameters
+
+
+@dataclass
+class CalibrationSpec:
+    """Where INT8 calibration faces come from and how ranges are computed."""
+
+    paths: list[Path]
+    count: int = 256
+    method: str = "percentile"
+    seed: int = 0
+    degrade: bool = True
+    cache_dir: Path | None = None
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    manifest: Manifest
+    parity: dict[str, ParityResult] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over every state-dict tensor (name, dtype, shape, bytes): identifies the weights."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tool_versions() -> dict[str, str]:
+    import onnxruntime
+
+    versions = {
+        "facemoe": facemoe.__version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        import onnxslim
+
+        versions["onnxslim"] = getattr(onnxslim, "__version__", "unknown")
+    except ImportError:
+        pass
+    return versions
+
+
+def parity_table(results: dict[str, ParityResult]) -> Table:
+    table = Table(title="Parity against the PyTorch fp32 reference (sparse routing)")
+    for column in ("artifact", "cos min", "cos mean", "max abs", "routing min", "top-1 agr", "ΔTAR@1e-3", "result"):
+        table.add_column(column, justify="right" if column != "artifact" else "left")
+    for name, r in results.items():
+        verdict = "[green]pass[/]" if r.passed else "[red]FAIL: " + "; ".join(r.failures) + "[/]"
+        table.add_row(
+            name,
+            f"{r.cosine_min:.6f}",
+            f"{r.cosine_mean:.6f}",
+            f"{r.max_abs:.3g}",
+            f"{r.routing_min:.4f}",
+            f"{r.top1_agreement:.3f}",
+            f"{r.tar_at_far - r.tar_at_far_reference:+.3f}",
+            verdict,
+        )
+    return table
+
+
+def _load_parity_inputs(calib: CalibrationSpec | None, count: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """Held-out faces: from the calibration sources (files not used for calibration) or synthetic."""
+    if calib is not None:
+        try:
+            from facemoe.calibration.dataset import build_holdout_set
+        except ImportError:
+            build_holdout_set = None  # type: ignore[assignment]
+        if build_holdout_set is not None:
+            faces, summary = build_holdout_set(calib.paths, count=count, seed=calib.seed + 1)
+            if len(faces):
+                return paired_views(faces), {"source": "held-out faces", **summary}
+    faces = synthetic_faces(count)
+    return paired_views(faces), {"source": "synthetic smooth images (no face data given)", "count": count}
+
+
+def export_bundle(
+    model: FaceMoE,
+    out_dir: str | Path,
+    *,
+    precisions: Sequence[str] = ("fp32",),
+    overwrite: bool = False,
+    random_weights: bool = False,
+    source: dict[str, Any] | None = None,
+    calib: CalibrationSpec | None = None,
+    opset: int = 17,
+    max_batch: int = 32,
+    gates: dict[str, dict[str, float]] | None = None,
+    parity_count: int = 32,
+    enforce_gates: bool = True,
+    progress: bool = True,
+    console: Console | None = None,
+) -> ExportResult:
+    """Export ``model`` into a bundle directory; raises ``ExportError`` when a parity gate is missed."""
+    console = console or Console(stderr=True)
+    wanted = ["fp32", *[p for p in ("fp16", "int8") if p in precisions]]
+    unknown = set(precisions) - {"fp32", "fp16", "int8"}
+    if unknown:
+        raise ExportError(f"unknown precision(s): {', '.join(sorted(unknown))}")
+    if "int8" in wanted and calib is None:
+        raise ExportError("INT8 needs calibration faces: pass --calib with folders of aligned faces or videos")
+    gates = {**DEFAULT_GATES, **(gates or {})}
+    model = model.eval()
+    out_dir = Path(out_dir)
+    timings: dict[str, float] = {}
+    artifacts: dict[str, Artifact] = {}
+    parity: dict[str, ParityResult] = {}
+    calibration_summary: dict[str, Any] | None = None
+
+    steps = ["fp32 ONNX"] + [f"{p} ONNX" for p in wanted[1:]] + ["parity", "manifest"]
+    with (
+        atomic_directory(out_dir, overwrite=overwrite) as staging,
+        Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            disable=not progress,
+            transient=False,
+        ) as bar,
+    ):
+        task = bar.add_task("export", total=len(steps))
+
+        def step(name: str) -> float:
+            bar.update(task, description=f"[cyan]{name}")
+            return time.perf_counter()
+
+        start = step("fp32 ONNX: trace, simplify, check, verify at batch 1/3/8")
+        fp32_path = staging / "model.fp32.onnx"
+        fp32_report = export_fp32(model, fp32_path, opset=opset)
+        artifacts["fp32"] = Artifact(
+            "fp32",
+            fp32_path.name,
+            sha256_file(fp32_path),
+            opset,
+            list(fp32_report["external_data"]),  # type: ignore[arg-type]
+        )
+        timings["fp32"] = time.perf_counter() - start
+        bar.advance(task)
+
+        if "fp16" in wanted:
+            start = step("fp16 ONNX: mixed precision (LayerNorm, Softmax, router, residual in fp32)")
+            half, report = fp16_pass.convert_to_fp16(onnx.load(str(fp32_path)))
+            path = staging / "model.fp16.onnx"
+            external = save_onnx(half, path)
+            del half
+            artifacts["fp16"] = Artifact("fp16", path.name, sha256_file(path), opset, external)
+            timings["fp16"] = time.perf_counter() - start
+            fp32_report["fp16_conversion"] = report.to_json()
+            bar.advance(task)
+
+        if "int8" in wanted:
+            assert calib is not None
+            start = step("int8 ONNX: calibrate on low-resolution faces, insert Q/DQ")
+            from facemoe.calibration.dataset import build_calibration_set
+            from facemoe.export.int8 import quantize_int8
+
+            faces, data_summary = build_calibration_set(
+                calib.paths, count=calib.count, seed=calib.seed, degrade=calib.degrade
+            )
+            cache = None
+            if calib.cache_dir is not None:
+                from facemoe.calibration.cache import CalibrationCache
+
+                cache = CalibrationCache(calib.cache_dir)
+            path = staging / "model.int8.onnx"
+            int8_report = quantize_int8(
+                fp32_path,
+                path,
+                faces,
+                method=calib.method,
+                cache=cache,
+                model_hash=model_fingerprint(model),
+                data_hash=data_summary.get("data_hash"),
+            )
+            artifacts["int8"] = Artifact("int8", path.name, sha256_file(path), opset, [])
+            calibration_summary = {**data_summary, "method": calib.method, "quantization": int8_report}
+            timings["int8"] = time.perf_counter() - start
+            bar.advance(task)
+
+        start = step("parity: PyTorch fp32 reference vs every artifact on held-out inputs")
+        inputs, inputs_summary = _load_parity_inputs(calib, parity_count)
+        reference = run_reference(model, inputs)
+        for precision in wanted:
+            parity[precision] = check_artifact(
+                model, staging / artifacts[precision].file, precision, inputs, gates.get(precision), reference
+            )
+            artifacts[precision].parity = parity[precision].to_json()
+        timings["parity"] = time.perf_counter() - start
+        bar.advance(task)
+
+        step("manifest")
+        cfg = model.config
+        manifest = Manifest(
+            model={
+                "architecture": "facemoe-swin",
+                "config": cfg.to_dict(),
+                "num_experts": cfg.num_experts,
+                "k": cfg.k,
+                "parameters": count_parameters(model),
+                "weights_sha256": model_fingerprint(model),
+                "random_weights": random_weights,
+                "source": source or {},
+            },
+            preprocessing=default_preprocessing() | {"input_size": cfg.img_size},
+            routing={"mode": "static", "k": cfg.k, "num_experts": cfg.num_experts, "gating": "onnx"},
+            embedding_size=cfg.embedding_size,
+            input_name=INPUT_NAME,
+            output_name=OUTPUT_NAME,
+            artifacts=artifacts,
+            calibration=calibration_summary,
+            tools=tool_versions(),
+            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        )
+        manifest.model["export"] = {"max_batch": max_batch, "fp32": fp32_report, "parity_inputs": inputs_summary}
+        bar.advance(task)
+
+        console.print(parity_table(parity))
+        failed = {name: r for name, r in parity.items() if not r.passed}
+        if failed and enforce_gates:
+            report_path = out_dir.with_name(out_dir.name + ".parity-failed.json")
+            write_json_atomic(report_path, {name: r.to_json() for name, r in parity.items()})
+            raise ExportError(
+                "parity gate missed: "
+                + "; ".join(f"{name}: {', '.join(r.failures)}" for name, r in failed.items())
+                + f" (no bundle written; full report in {report_path})"
+            )
+        _write_parity_plot(staging / "parity.png", reference, {p: staging / artifacts[p].file for p in wanted}, inputs)
+        write_json_atomic(staging / "parity.json", {name: r.to_json() for name, r in parity.items()})
+        # The manifest is written last: a bundle without it is never taken for a complete one.
+        write_json_atomic(staging / MANIFEST_NAME, manifest.to_json())
+    return ExportResult(out_dir, manifest, parity, timings)
+
+
+def _write_parity_plot(
+    path: Path, reference: tuple[np.ndarray, list[np.ndarray]], artifacts: dict[str, Path], inputs: np.ndarray
+) -> None:
+    """Scatter of reference vs artifact embedding values, one panel per artifact (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    from facemoe.export.parity import run_artifact
+
+    ref = reference[0]
+    fig, axes = plt.subplots(1, len(artifacts), figsize=(4.2 * len(artifacts), 4.2), squeeze=False)
+    for ax, (name, art_path) in zip(axes[0], artifacts.items(), strict=True):
+        got = run_artifact(art_path, inputs)[0]
+        ax.scatter(ref.ravel(), got.ravel(), s=1, alpha=0.3)
+        lim = float(np.abs(ref).max()) * 1.05
+        ax.plot([-lim, lim], [-lim, lim], color="red", linewidth=0.8)
+        cos = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
+        ax.set_title(f"{name}: cos min {cos.min():.5f}")
+        ax.set_xlabel("PyTorch fp32 reference")
+        ax.set_ylabel(f"ONNX {name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def read_manifest_json(path: str | Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,230 @@
+"""Parity of exported artifacts against the PyTorch fp32 reference (sparse routing, the official semantics).
+
+Metrics per artifact, on faces that were not used for calibration or tracing:
+
+* embedding cosine (min / mean) and max abs error on raw embeddings,
+* routing agreement per MoE layer: share of tokens whose top-k expert *set* is unchanged. Quantisation
+  can flip a near-tied 2nd/3rd router logit; that swaps an expert and is a failure mode unique to MoE.
+  The artifact's decisions are read from a probe copy of its graph that exposes every TopK's indices,
+* top-1 identification agreement: a probe matched against a gallery gives the same identity as with
+  the reference embeddings,
+* TAR at FAR=1e-3 on verification pairs, and its difference to the reference.
+
+Gates (configurable) decide pass/fail; a failed gate fails the export.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from facemoe.model.swin import FaceMoE
+
+# The cosine gates apply to the mean over held-out faces; the min gets a looser floor. Measured on
+# random-weight models: with routing unchanged, fp16 embeddings keep cosine >= 0.99999, but a token whose
+# 2nd and 3rd router logits are nearly tied can swap experts under any rounding, and since the gate weight
+# is the raw logit (not a softmax), one swapped token moves the embedding by up to ~1e-2. The min over a
+# few dozen faces therefore measures how many near-ties the inputs happen to hit; the mean and the routing
+# agreement measure the conversion.
+DEFAULT_GATES: dict[str, dict[str, float]] = {
+    "fp32": {"cosine_mean": 0.99999, "cosine_min": 0.9999},
+    "fp16": {"cosine_mean": 0.999, "cosine_min": 0.99, "routing_min": 0.99},
+    "int8": {"cosine_mean": 0.98, "cosine_min": 0.9, "routing_min": 0.95},
+}
+
+
+@dataclass
+class ParityResult:
+    precision: str
+    cosine_min: float
+    cosine_mean: float
+    max_abs: float
+    routing_min: float
+    routing_mean: float
+    routing_per_layer: dict[str, float]
+    top1_agreement: float
+    tar_at_far: float
+    tar_at_far_reference: float
+    num_inputs: int
+    gates: dict[str, float] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "num_inputs": self.num_inputs,
+            "cosine_min": self.cosine_min,
+            "cosine_mean": self.cosine_mean,
+            "max_abs": self.max_abs,
+            "routing_agreement_min": self.routing_min,
+            "routing_agreement_mean": self.routing_mean,
+            "routing_agreement_per_layer": self.routing_per_layer,
+            "top1_identification_agreement": self.top1_agreement,
+            "tar_at_far_1e-3": self.tar_at_far,
+            "tar_at_far_1e-3_reference": self.tar_at_far_reference,
+            "tar_at_far_1e-3_diff": self.tar_at_far - self.tar_at_far_reference,
+            "gates": self.gates,
+            "failures": self.failures,
+        }
+
+
+def routing_probe(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """Copy of ``model`` whose extra outputs are the indices of every TopK, in graph order."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    names = []
+    for node in probe.graph.node:
+        if node.op_type == "TopK":
+            names.append(node.output[1])
+            probe.graph.output.append(onnx.helper.make_tensor_value_info(node.output[1], onnx.TensorProto.INT64, None))
+    return probe, names
+
+
+def _session(model: onnx.ModelProto | str | Path):  # type: ignore[no-untyped-def]
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    payload = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
+
+
+def run_artifact(
+    onnx_path: str | Path, inputs: np.ndarray, batch_size: int = 16
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Embeddings and per-layer top-k indices (tokens, k) of an ONNX artifact."""
+    model = onnx.load(str(onnx_path), load_external_data=True)
+    probe, names = routing_probe(model)
+    del model
+    session = _session(probe)
+    input_name = session.get_inputs()[0].name
+    embeddings, routes = [], [[] for _ in names]
+    for start in range(0, len(inputs), batch_size):
+        outputs = session.run(None, {input_name: inputs[start : start + batch_size]})
+        embeddings.append(outputs[0])
+        for i, idx in enumerate(outputs[1:]):
+            routes[i].append(idx.reshape(-1, idx.shape[-1]))
+    return np.concatenate(embeddings), [np.concatenate(r) for r in routes]
+
+
+@torch.no_grad()
+def run_reference(model: FaceMoE, inputs: np.ndarray, batch_size: int = 16) -> tuple[np.ndarray, list[np.ndarray]]:
+    """PyTorch fp32 reference in ``sparse`` routing: embeddings and per-layer top-k indices."""
+    saved = model.routing
+    model.set_routing("sparse").eval()
+    layers = [m for _, m in model.moe_layers()]
+    for moe in layers:
+        moe.record_routing = True
+    embeddings, routes = [], [[] for _ in layers]
+    try:
+        for start in range(0, len(inputs), batch_size):
+            embeddings.append(model(torch.from_numpy(inputs[start : start + batch_size]).float()).numpy())
+            for i, moe in enumerate(layers):
+                assert moe.last_routing is not None
+                routes[i].append(moe.last_routing.numpy())
+    finally:
+        for moe in layers:
+            moe.record_routing = False
+            moe.last_routing = None
+        model.set_routing(saved)  # type: ignore[arg-type]
+    return np.concatenate(embeddings), [np.concatenate(r) for r in routes]
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def routing_agreement(reference: list[np.ndarray], artifact: list[np.ndarray]) -> list[float]:
+    """Per layer: share of tokens whose set of selected experts is the same."""
+    return [
+        float((np.sort(a, axis=1) == np.sort(b, axis=1)).all(axis=1).mean())
+        for a, b in zip(reference, artifact, strict=True)
+    ]
+
+
+def tar_at_far(genuine: np.ndarray, impostor: np.ndarray, far: float = 1e-3) -> float:
+    """True-accept rate at the threshold where the impostor accept rate is ``far``."""
+    if impostor.size == 0 or genuine.size == 0:
+        return float("nan")
+    threshold = np.quantile(impostor, 1.0 - far, method="higher")
+    return float((genuine > threshold).mean())
+
+
+def verification_scores(emb_a: np.ndarray, emb_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Genuine scores: row i of A vs row i of B (two views of one face); impostor: all i != j."""
+    a, b = _normalize(emb_a), _normalize(emb_b)
+    sims = a @ b.T
+    genuine = np.diag(sims)
+    impostor = sims[~np.eye(len(a), dtype=bool)]
+    return genuine, impostor
+
+
+def compare(
+    precision: str,
+    reference: tuple[np.ndarray, list[np.ndarray]],
+    artifact: tuple[np.ndarray, list[np.ndarray]],
+    layer_names: list[str],
+    gates: dict[str, float] | None = None,
+) -> ParityResult:
+    """Compare artifact outputs with reference outputs on the same inputs.
+
+    Inputs are expected in two halves: view A (faces) then view B (another view of the same faces,
+    e.g. degraded or flipped); the verification metrics pair row i of each half.
+    """
+    ref_emb, ref_routes = reference
+    art_emb, art_routes = artifact
+    cos = (_normalize(ref_emb) * _normalize(art_emb)).sum(axis=1)
+    agreement = routing_agreement(ref_routes, art_routes)
+    half = len(ref_emb) // 2
+    # Identification: views B as probes against a gallery of the reference's views A.
+    gallery = _normalize(ref_emb[:half])
+    top1_ref = (_normalize(ref_emb[half : 2 * half]) @ gallery.T).argmax(axis=1)
+    top1_art = (_normalize(art_emb[half : 2 * half]) @ gallery.T).argmax(axis=1)
+    tar_ref = tar_at_far(*verification_scores(ref_emb[:half], ref_emb[half : 2 * half]))
+    tar_art = tar_at_far(*verification_scores(art_emb[:half], art_emb[half : 2 * half]))
+    result = ParityResult(
+        precision=precision,
+        cosine_min=float(cos.min()),
+        cosine_mean=float(cos.mean()),
+        max_abs=float(np.abs(ref_emb - art_emb).max()),
+        routing_min=float(min(agreement)) if agreement else 1.0,
+        routing_mean=float(np.mean(agreement)) if agreement else 1.0,
+        routing_per_layer=dict(zip(layer_names, agreement, strict=True)),
+        top1_agreement=float((top1_ref == top1_art).mean()) if half else float("nan"),
+        tar_at_far=tar_art,
+        tar_at_far_reference=tar_ref,
+        num_inputs=len(ref_emb),
+        gates=dict(gates if gates is not None else DEFAULT_GATES.get(precision, {})),
+    )
+    if "cosine_mean" in result.gates and not result.cosine_mean >= result.gates["cosine_mean"]:
+        result.failures.append(f"cosine mean {result.cosine_mean:.6f} < {result.gates['cosine_mean']}")
+    if "cosine_min" in result.gates and not result.cosine_min >= result.gates["cosine_min"]:
+        result.failures.append(f"cosine min {result.cosine_min:.6f} < {result.gates['cosine_min']}")
+    if "routing_min" in result.gates and not result.routing_min >= result.gates["routing_min"]:
+        worst = min(result.routing_per_layer, key=result.routing_per_layer.__getitem__)
+        result.failures.append(
+            f"routing agreement {result.routing_min:.4f} < {result.gates['routing_min']} (worst layer {worst})"
+        )
+    return result
+
+
+def check_artifact(
+    model: FaceMoE,
+    onnx_path: str | Path,
+    precision: str,
+    inputs: np.ndarray,
+    gates: dict[str, float] | None = None,
+    reference: tuple[np.ndarray, list[np.ndarray]] | None = None,
+) -> ParityResult:
+    reference = reference if reference is not None else run_reference(model, inputs)
+    names = [name for name, _ in model.moe_layers()]
+    return compare(precision, reference, run_artifact(onnx_path, inputs), names, gates)

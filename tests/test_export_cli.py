@@ -1,0 +1,77 @@
+"""``facemoe-export`` and ``facemoe parity`` / ``info`` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+def _run(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _export(*args):
+    return _run("facemoe.cli.export_cmd", *args)
+
+
+def _one_line_error(result, *needles):
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert "Traceback" not in result.stderr
+    joined = " ".join(result.stderr.split())
+    for needle in needles:
+        assert needle in joined, joined
+
+
+def test_refuses_without_checkpoint(tmp_path):
+    result = _export("--out", str(tmp_path / "b"))
+    _one_line_error(result, "no --checkpoint given", "--random-weights")
+    assert not (tmp_path / "b").exists()
+
+
+def test_missing_checkpoint_file(tmp_path):
+    result = _export("--checkpoint", str(tmp_path / "model.pt"), "--out", str(tmp_path / "b"))
+    _one_line_error(result, "model.pt: checkpoint file not found")
+
+
+def test_int8_needs_calibration(tmp_path):
+    result = _export("--random-weights", "--int8", "--out", str(tmp_path / "b"))
+    _one_line_error(result, "--int8 needs --calib")
+
+
+def test_wrong_config_named(tmp_path, golden):
+    ckpt = tmp_path / "model.pt"
+    torch.save(golden["state_dict"], ckpt)
+    result = _export("--checkpoint", str(ckpt), "--config", "full", "--out", str(tmp_path / "b"))
+    _one_line_error(result, "checkpoint has embed dim 32, config says embed dim 384")
+
+
+def test_checkpoint_to_bundle_then_parity_and_info(tmp_path, golden):
+    ckpt = tmp_path / "model.pt"
+    torch.save(golden["state_dict"], ckpt)
+    out = tmp_path / "bundle"
+    result = _export("--checkpoint", str(ckpt), "--fp16", "--out", str(out), "--quiet", "--gate", "fp16.cosine_min=0.9")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["source"]["path"] == str(ckpt.resolve())
+    assert manifest["model"]["random_weights"] is False
+    assert manifest["artifacts"]["fp32"]["parity"]["passed"]
+    again = _export("--checkpoint", str(ckpt), "--out", str(out))
+    _one_line_error(again, "already exists")
+
+    parity = _run("facemoe.cli.main", "parity", str(out))
+    assert parity.returncode == 0, parity.stderr
+    assert "fp32" in parity.stdout and "pass" in parity.stdout
+    info = _run("facemoe.cli.main", "info", str(out))
+    assert info.returncode == 0 and "model.fp16.onnx" in info.stdout
+
+
+def test_info_on_missing_bundle(tmp_path):
+    result = _run("facemoe.cli.main", "info", str(tmp_path / "nope"))
+    _one_line_error(result, "bundle directory does not exist")
