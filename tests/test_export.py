@@ -159,7 +159,7 @@ def test_corrupted_artifact_is_detected(tmp_path, tiny_bundle):
     with open(copy / "model.fp32.onnx", "r+b") as handle:
         handle.seek(200)
         handle.write(b"\x00\x01\x02\x03")
-    with pytest.raises(BundleError, match="sha256 .* does not match the manifest"):
+    with pytest.raises(BundleError, match=r"sha256 .* does not match the manifest"):
         Bundle(copy).artifact_path("fp32", verify=True)
     (copy / "manifest.json").write_text("{broken")
     with pytest.raises(BundleError, match="unreadable manifest"):

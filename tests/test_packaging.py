@@ -41,7 +41,7 @@ def test_hub_download_offline_message(monkeypatch, tmp_path):
         raise OSError("Temporary failure in name resolution")
 
     monkeypatch.setattr(hub, "hf_hub_download", offline)
-    with pytest.raises(FaceMoEError, match="cannot reach the Hugging Face hub .* pass it with --checkpoint"):
+    with pytest.raises(FaceMoEError, match=r"cannot reach the Hugging Face hub .* pass it with --checkpoint"):
         facemoe_hub.download_official("tinyface", tmp_path)
 
 

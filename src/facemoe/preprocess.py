@@ -52,11 +52,29 @@ def _pil_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
     return matrix
 
 
-def _pil_pass(image: np.ndarray, matrix: np.ndarray, axis: int) -> np.ndarray:
-    acc = np.tensordot(image.astype(np.int64), matrix, axes=([axis], [1]))
-    acc = np.moveaxis(acc, -1, axis)
-    acc += 1 << (_PRECISION_BITS - 1)
-    return np.clip(acc >> _PRECISION_BITS, 0, 255).astype(np.uint8)
+@functools.lru_cache(maxsize=16)
+def _pil_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The resampling matrix as (out, taps) source indices and float64 weights (bicubic has <= ~5 taps)."""
+    matrix = _pil_bicubic_matrix(in_size, out_size)
+    taps = max(1, int((matrix != 0).sum(axis=1).max()))
+    index = np.zeros((out_size, taps), dtype=np.intp)
+    weight = np.zeros((out_size, taps), dtype=np.float64)
+    for row in range(out_size):
+        cols = np.flatnonzero(matrix[row])
+        index[row, : len(cols)] = cols
+        weight[row, : len(cols)] = matrix[row, cols]
+    return index, weight
+
+
+def _pil_pass(image: np.ndarray, in_size: int, out_size: int, axis: int) -> np.ndarray:
+    # float64 holds every partial sum exactly (|terms| < 2^31, a handful per output, far below 2^53), so
+    # this equals Pillow's integer arithmetic; gathering only the non-zero taps keeps it at ~1 ms a face.
+    index, weight = _pil_taps(in_size, out_size)
+    src = np.moveaxis(image, axis, 0).astype(np.float64)
+    acc = np.einsum("ot...,ot->o...", src[index], weight)
+    acc += float(1 << (_PRECISION_BITS - 1))
+    out = np.clip(np.floor(acc / float(1 << _PRECISION_BITS)), 0, 255).astype(np.uint8)
+    return np.moveaxis(out, 0, axis)
 
 
 def resize_pil_bicubic(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -70,9 +88,9 @@ def resize_pil_bicubic(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     in_h, in_w = image.shape[:2]
     out = image
     if out_w != in_w:
-        out = _pil_pass(out, _pil_bicubic_matrix(in_w, out_w), axis=1)
+        out = _pil_pass(out, in_w, out_w, axis=1)
     if out_h != in_h:
-        out = _pil_pass(out, _pil_bicubic_matrix(in_h, out_h), axis=0)
+        out = _pil_pass(out, in_h, out_h, axis=0)
     return out
 
 

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from facemoe.errors import FaceMoEError
 
@@ -30,11 +31,13 @@ def user_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except FaceMoEError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_USER_ERROR) from None
         except (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError) as exc:
             where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-            console.print(f"[bold red]error:[/] {where}{exc.strerror or exc}", highlight=False, soft_wrap=True)
+            console.print(
+                f"[bold red]error:[/] {escape(where + str(exc.strerror or exc))}", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(EXIT_USER_ERROR) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]")
@@ -45,5 +48,5 @@ def user_errors(func: F) -> F:
 
 def fail(message: str) -> None:
     """Print a one-line error and exit with the user-error code."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     sys.exit(EXIT_USER_ERROR)

@@ -24,12 +24,14 @@ def _session_options(threads: int | None):  # type: ignore[no-untyped-def]
 
 
 def load_custom_ops(options) -> None:  # type: ignore[no-untyped-def]
-    """Register FaceMoE's custom-op library when it is installed (needed by ``--gating plugin`` graphs)."""
-    try:
-        from facemoe.export.gating_ort import register_custom_ops  # optional, torch-free
-    except ImportError:
-        return
-    register_custom_ops(options)
+    """Register FaceMoE's custom-op implementation (only ``--gating plugin`` graphs need it).
+
+    Called only for such graphs: onnxruntime-extensions imports torch when it is installed, which a
+    standard-op runtime must not pay for.
+    """
+    from facemoe.export.gating_ort import register_custom_ops
+
+    register_custom_ops(options, required=True)
 
 
 class OnnxRuntimeBackend(Backend):
@@ -43,6 +45,7 @@ class OnnxRuntimeBackend(Backend):
         max_batch: int = 32,
         threads: int | None = None,
         input_name: str | None = None,
+        custom_ops: bool = False,
     ) -> None:
         try:
             import onnxruntime as ort
@@ -51,7 +54,8 @@ class OnnxRuntimeBackend(Backend):
         available = ort.get_available_providers()
         chosen = providers or [p for p in _PROVIDER_ORDER if p in available]
         options = _session_options(threads)
-        load_custom_ops(options)
+        if custom_ops:
+            load_custom_ops(options)
         try:
             self.session = ort.InferenceSession(str(model_path), sess_options=options, providers=chosen)
         except Exception as exc:
@@ -76,7 +80,8 @@ class OnnxRuntimeBackend(Backend):
         threads: int | None = None,
     ) -> OnnxRuntimeBackend:
         path = bundle.artifact_path(precision, verify=True)
-        return cls(path, precision, providers, max_batch, threads, bundle.manifest.input_name)
+        custom = bundle.artifact(precision).gating == "plugin"
+        return cls(path, precision, providers, max_batch, threads, bundle.manifest.input_name, custom_ops=custom)
 
     @property
     def embedding_size(self) -> int:

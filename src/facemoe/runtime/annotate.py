@@ -1,0 +1,95 @@
+"""Annotated video output: boxes, landmarks, track ids, names and similarities drawn on each frame.
+
+The video is written under a temporary name and renamed when closed, so an interrupted run never leaves a
+file that looks complete but has no index (an MP4 without its ``moov`` atom does not play).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from facemoe.errors import InputError
+from facemoe.runtime.gallery import UNKNOWN
+from facemoe.runtime.tracking import Track
+
+_FOURCC_BY_SUFFIX = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
+
+
+def _colour(track_id: int) -> tuple[int, int, int]:
+    # Golden-ratio hue steps keep neighbouring ids visually distinct.
+    hue = int((track_id * 0.618033988749895 % 1.0) * 180)
+    bgr = cv2.cvtColor(np.array([[[hue, 200, 255]]], dtype=np.uint8), cv2.COLOR_HSV2BGR)[0, 0]
+    return int(bgr[0]), int(bgr[1]), int(bgr[2])
+
+
+def draw_tracks(frame: np.ndarray, tracks: list[Track], frame_index: int) -> np.ndarray:
+    """Draw the tracks seen in this frame onto a copy of ``frame``."""
+    out = frame.copy()
+    height = out.shape[0]
+    scale = max(0.3, min(1.2, height / 720))
+    thickness = max(1, round(height / 360))
+    for track in tracks:
+        if track.last_frame != frame_index or track.track_id is None:
+            continue
+        colour = _colour(track.track_id)
+        x1, y1, x2, y2 = (round(float(v)) for v in track.box)
+        cv2.rectangle(out, (x1, y1), (x2, y2), colour, thickness)
+        for x, y in np.asarray(track.landmarks).reshape(5, 2):
+            cv2.circle(out, (round(float(x)), round(float(y))), thickness, (0, 255, 0), -1)
+        name = track.identity or ""
+        label = f"#{track.track_id}"
+        if name:
+            label += f" {name}" if name == UNKNOWN else f" {name} {track.similarity:.2f}"
+        (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+        top = max(0, y1 - th - base - 2)
+        cv2.rectangle(out, (x1, top), (x1 + tw + 2, top + th + base + 2), colour, -1)
+        cv2.putText(out, label, (x1 + 1, top + th + 1), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    return out
+
+
+class VideoAnnotator:
+    """Writes annotated frames to ``path`` (.mp4 / .avi / .mkv)."""
+
+    def __init__(self, path: str | Path, fps: float, size: tuple[int, int]) -> None:
+        self.path = Path(path)
+        suffix = self.path.suffix.lower()
+        if suffix not in _FOURCC_BY_SUFFIX:
+            raise InputError(f"{self.path}: unsupported video extension; use one of {', '.join(_FOURCC_BY_SUFFIX)}")
+        if self.path.is_dir():
+            raise InputError(f"{self.path}: is a directory, expected a video file path")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # The temporary name keeps the extension: OpenCV picks the container from it.
+        self.tmp = self.path.with_name(f".{self.path.stem}.partial-{os.getpid()}{suffix}")
+        self.size = size
+        self.fps = fps if fps and fps > 0 else 25.0
+        fourcc = cv2.VideoWriter.fourcc(*_FOURCC_BY_SUFFIX[suffix])
+        self.writer = cv2.VideoWriter(str(self.tmp), fourcc, self.fps, size)
+        if not self.writer.isOpened():
+            self.tmp.unlink(missing_ok=True)
+            raise InputError(f"{self.path}: cannot create the video (OpenCV has no {suffix} writer here)")
+        self.frames = 0
+
+    def write(self, frame: np.ndarray) -> None:
+        if (frame.shape[1], frame.shape[0]) != self.size:
+            # A stream that changed resolution mid-way (reconnect): the container needs one size.
+            frame = cv2.resize(frame, self.size, interpolation=cv2.INTER_AREA)
+        self.writer.write(frame)
+        self.frames += 1
+
+    def close(self, keep: bool = True) -> Path | None:
+        if self.writer is None:
+            return None
+        self.writer.release()
+        self.writer = None  # type: ignore[assignment]
+        if keep and self.frames:
+            os.replace(self.tmp, self.path)
+            return self.path
+        self.tmp.unlink(missing_ok=True)
+        return None
+
+
+__all__ = ["VideoAnnotator", "draw_tracks"]

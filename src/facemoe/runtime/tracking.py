@@ -1,0 +1,180 @@
+"""Multi-face tracking: IoU association with constant-velocity prediction, ByteTrack-style two stages.
+
+Confident detections are matched first to every live track; weaker ones (between the tracking and the
+detection threshold) only extend existing tracks, which carries a track through motion blur or partial
+occlusion without ever starting a track on a doubtful detection. A track gets its public id only when
+confirmed (``min_hits`` detections), so ids stay dense and false positives never appear in the events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from facemoe.runtime.aggregation import EmbeddingAggregate
+from facemoe.runtime.detection import Detection, box_iou
+
+
+@dataclass
+class Track:
+    box: np.ndarray
+    landmarks: np.ndarray
+    score: float
+    first_frame: int
+    last_frame: int
+    first_time: float = 0.0
+    last_time: float = 0.0
+    velocity: np.ndarray = field(default_factory=lambda: np.zeros(4, dtype=np.float64))
+    hits: int = 1
+    track_id: int | None = None  # assigned on confirmation
+    # Recognition state, filled by the pipeline.
+    aggregate: EmbeddingAggregate = field(default_factory=EmbeddingAggregate)
+    last_embedded: int | None = None
+    pending: int = 0
+    identity: str | None = None
+    similarity: float = 0.0
+    streak: int = 0
+
+    @property
+    def confirmed(self) -> bool:
+        return self.track_id is not None
+
+    def predict(self, frame_index: int) -> np.ndarray:
+        return self.box + self.velocity * (frame_index - self.last_frame)
+
+
+@dataclass
+class TrackUpdate:
+    started: list[Track]
+    ended: list[Track]
+    matched: list[tuple[Track, Detection]]
+
+
+def _greedy_match(similarity: np.ndarray, threshold: float) -> list[tuple[int, int]]:
+    """Pairs (row, col) taken in decreasing similarity, each row and column at most once."""
+    pairs: list[tuple[int, int]] = []
+    if similarity.size == 0:
+        return pairs
+    rows, cols = np.nonzero(similarity >= threshold)
+    order = np.argsort(-similarity[rows, cols], kind="stable")
+    used_r: set[int] = set()
+    used_c: set[int] = set()
+    for k in order:
+        r, c = int(rows[k]), int(cols[k])
+        if r in used_r or c in used_c:
+            continue
+        used_r.add(r)
+        used_c.add(c)
+        pairs.append((r, c))
+    return pairs
+
+
+class Tracker:
+    def __init__(
+        self,
+        detect_threshold: float = 0.5,
+        iou_threshold: float = 0.3,
+        low_iou_threshold: float = 0.5,
+        min_hits: int = 2,
+        max_age: int = 30,
+        velocity_smoothing: float = 0.5,
+    ) -> None:
+        self.detect_threshold = detect_threshold
+        self.iou_threshold = iou_threshold
+        self.low_iou_threshold = low_iou_threshold
+        self.min_hits = min_hits
+        self.max_age = max_age
+        self.alpha = velocity_smoothing
+        self.tracks: list[Track] = []
+        self._next_id = 1
+
+    @property
+    def active(self) -> list[Track]:
+        return [t for t in self.tracks if t.confirmed]
+
+    def _apply(self, track: Track, det: Detection, frame_index: int, timestamp: float) -> None:
+        gap = max(1, frame_index - track.last_frame)
+        box = det.box.astype(np.float64)
+        observed = (box - track.box) / gap
+        # The first observed motion replaces the zero prior outright; later ones are smoothed.
+        track.velocity = observed if track.hits == 1 else self.alpha * observed + (1 - self.alpha) * track.velocity
+        track.box = box
+        track.landmarks = det.landmarks
+        track.score = det.score
+        track.last_frame = frame_index
+        track.last_time = timestamp
+        track.hits += 1
+
+    def update(self, detections: list[Detection], frame_index: int, timestamp: float = 0.0) -> TrackUpdate:
+        high = [d for d in detections if d.score >= self.detect_threshold]
+        low = [d for d in detections if d.score < self.detect_threshold]
+        matched: list[tuple[Track, Detection]] = []
+        started: list[Track] = []
+
+        # Confirmed tracks first, so a fresh tentative track cannot steal an established face.
+        tracks = sorted(self.tracks, key=lambda t: (not t.confirmed, t.first_frame))
+        predicted = np.array([t.predict(frame_index) for t in tracks]).reshape(-1, 4)
+        high_boxes = np.array([d.box for d in high]).reshape(-1, 4)
+        pairs = _greedy_match(box_iou(predicted, high_boxes), self.iou_threshold)
+        used_tracks = {r for r, _ in pairs}
+        used_high = {c for _, c in pairs}
+        for r, c in pairs:
+            matched.append((tracks[r], high[c]))
+
+        remaining = [i for i in range(len(tracks)) if i not in used_tracks and tracks[i].confirmed]
+        if remaining and low:
+            low_boxes = np.array([d.box for d in low]).reshape(-1, 4)
+            low_pairs = _greedy_match(box_iou(predicted[remaining], low_boxes), self.low_iou_threshold)
+            for r, c in low_pairs:
+                used_tracks.add(remaining[r])
+                matched.append((tracks[remaining[r]], low[c]))
+
+        for track, det in matched:
+            self._apply(track, det, frame_index, timestamp)
+            if not track.confirmed and track.hits >= self.min_hits:
+                track.track_id = self._next_id
+                self._next_id += 1
+                started.append(track)
+
+        ended: list[Track] = []
+        survivors: list[Track] = []
+        for i, track in enumerate(tracks):
+            if i in used_tracks:
+                survivors.append(track)
+            elif not track.confirmed:
+                continue  # a tentative track that missed a frame was most likely a false positive
+            elif frame_index - track.last_frame > self.max_age:
+                ended.append(track)
+            else:
+                survivors.append(track)
+
+        for c, det in enumerate(high):
+            if c in used_high:
+                continue
+            track = Track(
+                box=det.box.astype(np.float64),
+                landmarks=det.landmarks,
+                score=det.score,
+                first_frame=frame_index,
+                last_frame=frame_index,
+                first_time=timestamp,
+                last_time=timestamp,
+            )
+            if self.min_hits <= 1:
+                track.track_id = self._next_id
+                self._next_id += 1
+                started.append(track)
+                matched.append((track, det))
+            survivors.append(track)
+        self.tracks = survivors
+        return TrackUpdate(started=started, ended=ended, matched=[(t, d) for t, d in matched if t.confirmed])
+
+    def finish(self) -> list[Track]:
+        """End every confirmed track (end of stream); returns them."""
+        ended = [t for t in self.tracks if t.confirmed]
+        self.tracks = []
+        return ended
+
+
+__all__ = ["Track", "TrackUpdate", "Tracker"]
