@@ -29,9 +29,7 @@ def test_model_pt_round_trip(tmp_path, golden):
 def test_checkpoint_gpu_with_module_prefix(tmp_path, golden):
     path = tmp_path / "checkpoint_gpu_0.pt"
     wrapped = {f"module.{k}": v for k, v in golden["state_dict"].items()}
-    torch.save(
-        {"epoch": 3, "global_step": 100, "state_dict_backbone": wrapped, "state_dict_softmax_fc": {}}, path
-    )
+    torch.save({"epoch": 3, "global_step": 100, "state_dict_backbone": wrapped, "state_dict_softmax_fc": {}}, path)
     model = load_checkpoint(path, config="infer")
     assert (_forward(model, golden) - golden["outputs"][:2]).abs().max().item() <= 1e-5
 

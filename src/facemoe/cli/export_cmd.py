@@ -89,11 +89,8 @@ def export(
     from facemoe.model import build_model, load_checkpoint
     from facemoe.model.random_weights import randomize
 
-    if gating != "onnx":
-        raise FaceMoEError(
-            f"--gating {gating}: only 'onnx' (standard-op routing) is available in this version; the custom "
-            "gating op is not implemented yet"
-        )
+    if gating not in ("onnx", "plugin"):
+        raise FaceMoEError(f"--gating {gating}: choose 'onnx' (standard ops) or 'plugin' (facemoe::SparseMoE)")
     if int8 and not calib:
         raise FaceMoEError("--int8 needs --calib PATH (folders of aligned face crops, images or videos)")
     if out.exists() and not overwrite:
@@ -132,6 +129,7 @@ def export(
         opset=opset,
         max_batch=max_batch,
         gates=_parse_gates(gate or []),
+        gating=gating,
         enforce_gates=not no_gate,
         progress=not quiet,
         console=console,

@@ -92,7 +92,7 @@ def info(bundle: Annotated[Path, typer.Argument(help="Bundle directory.")]) -> N
             str(art.opset),
             f"{p.get('cosine_mean', float('nan')):.6f}",
             f"{p.get('cosine_min', float('nan')):.6f}",
-            f"{p.get('routing_agreement_min', float('nan')):.4f}",
+            f"{p.get('routing_agreement_min') or float('nan'):.4f}",
             "pass" if p.get("passed") else "FAIL",
         )
     out.print(table)

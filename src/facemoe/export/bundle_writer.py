@@ -130,6 +130,7 @@ def export_bundle(
     max_batch: int = 32,
     gates: dict[str, dict[str, float]] | None = None,
     parity_count: int = 32,
+    gating: str = "onnx",
     enforce_gates: bool = True,
     progress: bool = True,
     console: Console | None = None,
@@ -171,13 +172,14 @@ def export_bundle(
 
         start = step("fp32 ONNX: trace, simplify, check, verify at batch 1/3/8")
         fp32_path = staging / "model.fp32.onnx"
-        fp32_report = export_fp32(model, fp32_path, opset=opset)
+        fp32_report = export_fp32(model, fp32_path, opset=opset, gating=gating)
         artifacts["fp32"] = Artifact(
             "fp32",
             fp32_path.name,
             sha256_file(fp32_path),
             opset,
-            list(fp32_report["external_data"]),  # type: ignore[arg-type]
+            list(fp32_report["external_data"]),  # type: ignore[call-overload]
+            gating=gating,
         )
         timings["fp32"] = time.perf_counter() - start
         bar.advance(task)
@@ -188,7 +190,7 @@ def export_bundle(
             path = staging / "model.fp16.onnx"
             external = save_onnx(half, path)
             del half
-            artifacts["fp16"] = Artifact("fp16", path.name, sha256_file(path), opset, external)
+            artifacts["fp16"] = Artifact("fp16", path.name, sha256_file(path), opset, external, gating=gating)
             timings["fp16"] = time.perf_counter() - start
             fp32_report["fp16_conversion"] = report.to_json()
             bar.advance(task)
@@ -217,7 +219,7 @@ def export_bundle(
                 model_hash=model_fingerprint(model),
                 data_hash=data_summary.get("data_hash"),
             )
-            artifacts["int8"] = Artifact("int8", path.name, sha256_file(path), opset, [])
+            artifacts["int8"] = Artifact("int8", path.name, sha256_file(path), opset, [], gating=gating)
             calibration_summary = {**data_summary, "method": calib.method, "quantization": int8_report}
             timings["int8"] = time.perf_counter() - start
             bar.advance(task)
@@ -247,7 +249,7 @@ def export_bundle(
                 "source": source or {},
             },
             preprocessing=default_preprocessing() | {"input_size": cfg.img_size},
-            routing={"mode": "static", "k": cfg.k, "num_experts": cfg.num_experts, "gating": "onnx"},
+            routing={"mode": "static", "k": cfg.k, "num_experts": cfg.num_experts, "gating": gating},
             embedding_size=cfg.embedding_size,
             input_name=INPUT_NAME,
             output_name=OUTPUT_NAME,

@@ -25,7 +25,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-FP32_OPS = frozenset({"LayerNormalization", "Softmax", "TopK", "ScatterElements", "BatchNormalization"})
+# SparseMoE (the --gating plugin node) holds the router: its inputs and weights stay fp32 like TopK's.
+FP32_OPS = frozenset({"LayerNormalization", "Softmax", "TopK", "ScatterElements", "BatchNormalization", "SparseMoE"})
 # Ops that only move or reshape data: they run in whatever type their data input has.
 _MOVE_OPS = frozenset(
     {"Reshape", "Transpose", "Slice", "Concat", "Gather", "Split", "Flatten", "Squeeze", "Unsqueeze", "Identity"}

@@ -18,7 +18,12 @@ import onnx
 import torch
 
 from facemoe.errors import ExportError
+from facemoe.export.gating_ort import custom_ops_available, name_op_weights
 from facemoe.export.graph_check import TRACE_BATCH, assert_graph_ok
+from facemoe.model.moe import GATING_MODES
+from facemoe.model.moe_plugin import DOMAIN as GATING_DOMAIN
+from facemoe.model.moe_plugin import OP_VERSION as GATING_OP_VERSION
+from facemoe.model.moe_plugin import check_plugin_export
 from facemoe.model.swin import FaceMoE
 
 INPUT_NAME = "input"
@@ -28,18 +33,23 @@ EXTERNAL_DATA_THRESHOLD = 1_900 * 1024 * 1024
 
 
 @contextlib.contextmanager
-def export_mode(model: FaceMoE) -> Iterator[FaceMoE]:
-    """Temporarily put the model in the traced configuration (static routing, fused fc1, eval)."""
-    saved = [(m, m.routing, m.fuse_fc1, m.record_routing, m.track_aux_loss) for _, m in model.moe_layers()]
+def export_mode(model: FaceMoE, gating: str = "onnx") -> Iterator[FaceMoE]:
+    """Temporarily put the model in the traced configuration (static routing, fused fc1, eval).
+
+    ``gating="plugin"`` makes every MoE block trace to one ``facemoe::SparseMoE`` node (docs/GATING_OP.md).
+    """
+    saved = [(m, m.routing, m.fuse_fc1, m.record_routing, m.track_aux_loss, m.gating) for _, m in model.moe_layers()]
     was_training = model.training
     model.eval()
     for _, moe in model.moe_layers():
         moe.routing, moe.fuse_fc1, moe.record_routing, moe.track_aux_loss = "static", True, False, False
+        moe.gating = gating  # type: ignore[assignment]
     try:
         yield model
     finally:
-        for moe, routing, fuse, record, aux in saved:
+        for moe, routing, fuse, record, aux, gate in saved:
             moe.routing, moe.fuse_fc1, moe.record_routing, moe.track_aux_loss = routing, fuse, record, aux
+            moe.gating = gate
         model.train(was_training)
 
 
@@ -47,14 +57,17 @@ def parameter_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def trace_to_onnx(model: FaceMoE, path: str | Path, opset: int = 17, trace_batch: int = TRACE_BATCH) -> None:
+def trace_to_onnx(
+    model: FaceMoE, path: str | Path, opset: int = 17, trace_batch: int = TRACE_BATCH, gating: str = "onnx"
+) -> None:
     """Trace ``model`` to ``path`` (raw, unsimplified; external data beside it when large)."""
     if opset < 17:
         raise ExportError(f"opset {opset} is too old: opset >= 17 keeps LayerNormalization as one node")
     cfg = model.config
     dummy = torch.randn(trace_batch, cfg.in_chans, cfg.img_size, cfg.img_size)
     path = Path(path)
-    with export_mode(model), torch.no_grad(), warnings.catch_warnings():
+    custom_opsets = {GATING_DOMAIN: GATING_OP_VERSION} if gating == "plugin" else None
+    with export_mode(model, gating), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model,
@@ -65,6 +78,7 @@ def trace_to_onnx(model: FaceMoE, path: str | Path, opset: int = 17, trace_batch
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
             opset_version=opset,
             do_constant_folding=True,
+            custom_opsets=custom_opsets,
             dynamo=False,
         )
 
@@ -104,11 +118,17 @@ def save_onnx(model: onnx.ModelProto, path: str | Path) -> list[str]:
     return [data_name]
 
 
-def run_onnx(path: str | Path, batch: np.ndarray, providers: list[str] | None = None) -> np.ndarray:
+def run_onnx(
+    path: str | Path, batch: np.ndarray, providers: list[str] | None = None, custom_ops: bool = False
+) -> np.ndarray:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if custom_ops:  # graphs exported with gating="plugin"
+        from facemoe.export.gating_ort import register_custom_ops
+
+        register_custom_ops(options, required=True)
     session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: batch.astype(np.float32)})[0]
 
@@ -120,16 +140,30 @@ def export_fp32(
     verify_batches: tuple[int, ...] = (1, 3, 8),
     tolerance: float = 1e-4,
     seed: int = 1234,
+    gating: str = "onnx",
 ) -> dict[str, object]:
     """Export, simplify, check and verify the fp32 graph; returns a small report for the manifest.
 
     Verification runs ONNX Runtime at each batch size in ``verify_batches`` on fresh inputs (never the
     trace input) against the PyTorch model in ``sparse`` routing (the reference semantics).
+    ``gating="plugin"`` exports each MoE block as one ``facemoe::SparseMoE`` node (docs/GATING_OP.md).
     """
+    if gating not in GATING_MODES:
+        raise ExportError(f"gating must be one of {', '.join(GATING_MODES)}, not {gating!r}")
+    if gating == "plugin":
+        check_plugin_export(model)
+        if not custom_ops_available():
+            raise ExportError(
+                "--gating plugin: verifying the graph needs onnxruntime-extensions (it runs the facemoe::SparseMoE "
+                "op on ONNX Runtime): pip install onnxruntime-extensions"
+            )
     out_path = Path(out_path)
+    model.eval()  # the reference below must use BatchNorm running statistics, as the graph does
     raw_path = out_path.with_name(out_path.stem + ".raw.onnx")
-    trace_to_onnx(model, raw_path, opset)
+    trace_to_onnx(model, raw_path, opset, gating=gating)
     slim = simplify(raw_path, out_path)
+    if gating == "plugin":
+        name_op_weights(slim)
     for leftover in out_path.parent.glob(raw_path.name + "*"):
         leftover.unlink()
     if raw_path.exists():
@@ -147,7 +181,7 @@ def export_fp32(
             batch = generator.standard_normal((batch_size, cfg.in_chans, cfg.img_size, cfg.img_size)).astype(np.float32)
             with torch.no_grad():
                 reference = model(torch.from_numpy(batch)).numpy()
-            got = run_onnx(out_path, batch)
+            got = run_onnx(out_path, batch, custom_ops=gating == "plugin")
             errors[str(batch_size)] = float(np.abs(got - reference).max())
     finally:
         model.set_routing(saved_routing)  # type: ignore[arg-type]
@@ -157,7 +191,13 @@ def export_fp32(
             f"{out_path}: ONNX Runtime output differs from PyTorch by {worst:.3g} (> {tolerance}) "
             f"at batch sizes {errors}"
         )
-    return {"ops": graph.ops, "max_abs_by_batch": errors, "external_data": external, "opset": opset}
+    return {
+        "ops": graph.ops,
+        "max_abs_by_batch": errors,
+        "external_data": external,
+        "opset": opset,
+        "gating": gating,
+    }
 
 
 __all__ = ["INPUT_NAME", "OUTPUT_NAME", "export_fp32", "run_onnx", "save_onnx", "simplify", "trace_to_onnx"]

@@ -24,6 +24,9 @@ from torch import nn
 
 RoutingMode = Literal["sparse", "static"]
 ROUTING_MODES: tuple[str, ...] = ("sparse", "static")
+# How the block is expressed in an exported graph: standard ONNX ops, or one facemoe::SparseMoE node.
+GatingMode = Literal["onnx", "plugin"]
+GATING_MODES: tuple[str, ...] = ("onnx", "plugin")
 
 
 class Expert(nn.Module):
@@ -75,6 +78,8 @@ class MoE(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self.last_routing: torch.Tensor | None = None
         self.record_routing = False
+        # "plugin" is set only by the export (export_mode); see _forward_plugin_op.
+        self.gating: GatingMode = "onnx"
 
     def gate_matrix(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense (T, N) gate holding the raw logit of each token's top-k experts, 0 elsewhere."""
@@ -83,6 +88,8 @@ class MoE(nn.Module):
         return gates, top_idx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gating == "plugin":
+            return self._forward_plugin_op(x)
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         logits = self.router(flat)
@@ -128,3 +135,12 @@ class MoE(nn.Module):
         if out is None:  # no tokens at all
             out = torch.zeros_like(flat)
         return out, top_idx
+
+    # --- Custom-op export path (issue 5; docs/GATING_OP.md) -------------------------------------------
+    # The whole block becomes one facemoe::SparseMoE node on (T, C) tokens; the reshapes around it are
+    # the same as in the standard path, so the rest of the graph is unchanged.
+    def _forward_plugin_op(self, x: torch.Tensor) -> torch.Tensor:
+        from facemoe.model.moe_plugin import sparse_moe_op
+
+        shape = x.shape
+        return sparse_moe_op(x.reshape(-1, shape[-1]), self).reshape(shape)

@@ -14,7 +14,10 @@ BACKEND_NAMES = ("auto", "tensorrt", "onnxruntime", "torch")
 def available_backends() -> list[str]:
     """Backends whose libraries are importable here (a GPU is checked when a backend is opened)."""
     names = []
-    if importlib.util.find_spec("tensorrt") is not None:
+    # find_spec alone is fooled by the tensorrt-stubs package (an importable, empty "tensorrt").
+    from facemoe.runtime.engine_identity import import_tensorrt
+
+    if import_tensorrt() is not None:
         names.append("tensorrt")
     if importlib.util.find_spec("onnxruntime") is not None:
         names.append("onnxruntime")

@@ -1,0 +1,509 @@
+"""TensorRT engine builder: a bundle's ONNX -> ``<bundle>/engines/<name>.engine`` + sidecar + manifest entry.
+
+Precision is decided in the ONNX graph (DESIGN §4): the fp16 artifact is a mixed-precision graph, the int8
+artifact carries explicit Q/DQ nodes, and the network is built *strongly typed*, so TensorRT keeps the
+fp32 islands (LayerNorm, Softmax, router) the export chose instead of re-deciding them. TensorRT 11 only
+has strongly typed networks (the FP16/INT8 builder flags and calibrators are gone); 10.x has them behind
+``NetworkDefinitionCreationFlag.STRONGLY_TYPED``. On 10.x only, and only when asked, an fp16 engine can
+still be built the old weakly typed way (fp32 ONNX + ``BuilderFlag.FP16``) for bundles without an fp16
+artifact. Capabilities are detected on the installed module, never assumed from a version number alone.
+
+``tensorrt`` is imported inside the functions: this module imports (and its errors read) on machines
+without TensorRT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+from facemoe.bundle import MANIFEST_NAME, Bundle
+from facemoe.errors import BundleError, FaceMoEError
+from facemoe.fileio import atomic_path, sha256_file, write_json_atomic
+from facemoe.runtime.engine_identity import (
+    ENGINES_DIR,
+    DeviceInfo,
+    EngineIdentity,
+    detect_device,
+    import_tensorrt,
+    is_jetson,
+    load_cudart,
+    manifest_entry,
+    plugin_hashes,
+    read_sidecar,
+    write_sidecar,
+)
+
+if TYPE_CHECKING:
+    import tensorrt as trt
+
+TIMING_CACHE_NAME = "timing.cache"
+DEFAULT_PROFILE = (1, 8, 32)
+# Jetson shares one DRAM between CPU and GPU; TensorRT's default workspace (all device memory) makes the
+# builder's tactic search compete with the weights for the same memory and end in out-of-memory.
+JETSON_WORKSPACE_BYTES = 1 << 30
+CUSTOM_OP_DOMAIN = "facemoe"
+
+_OOM_MARKERS = (
+    "out of memory",
+    "outofmemory",
+    "cudaerrormemoryallocation",
+    "requested amount of gpu memory",
+    "insufficient memory",
+    "failed to allocate",
+    "bad_alloc",
+    "allocation failed",
+)
+# Plugin libraries already registered in this process (registering one twice duplicates its creators).
+_LOADED_PLUGINS: dict[str, str] = {}
+
+
+def require_tensorrt() -> ModuleType:
+    """The ``tensorrt`` module, or a FaceMoEError saying how to get it."""
+    trt_module = import_tensorrt()
+    if trt_module is None:
+        raise FaceMoEError(
+            "TensorRT is not installed: on a Jetson it comes with JetPack (python3-libnvinfer), on x86 "
+            "`pip install tensorrt` (NVIDIA's wheels, CUDA 12/13). Without it, run the bundle with "
+            "--backend onnxruntime"
+        )
+    return trt_module
+
+
+@dataclass(frozen=True)
+class TensorRTCapabilities:
+    """What the installed TensorRT can do, probed on the module itself."""
+
+    version: str
+    major: int
+    strongly_typed_flag: bool
+    always_strongly_typed: bool
+    weak_fp16: bool
+    optimization_level: bool
+    plugin_registry_loader: bool
+
+    @property
+    def strongly_typed(self) -> bool:
+        return self.always_strongly_typed or self.strongly_typed_flag
+
+
+def capabilities() -> TensorRTCapabilities:
+    require_tensorrt()
+    import tensorrt as trt
+
+    version = str(trt.__version__)
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        major = 0
+    flags = getattr(trt.NetworkDefinitionCreationFlag, "__members__", {})
+    return TensorRTCapabilities(
+        version=version,
+        major=major,
+        strongly_typed_flag="STRONGLY_TYPED" in flags,
+        always_strongly_typed=major >= 11,
+        weak_fp16=hasattr(trt.BuilderFlag, "FP16"),
+        optimization_level=hasattr(trt.IBuilderConfig, "builder_optimization_level"),
+        plugin_registry_loader=hasattr(trt.IPluginRegistry, "load_library"),
+    )
+
+
+@dataclass
+class BuildOptions:
+    """Engine build settings (the ``facemoe build-engine`` options)."""
+
+    precision: str = "fp16"
+    min_batch: int = DEFAULT_PROFILE[0]
+    opt_batch: int = DEFAULT_PROFILE[1]
+    max_batch: int = DEFAULT_PROFILE[2]
+    # None: 1 GiB on Jetson, TensorRT's default (the whole device) elsewhere.
+    workspace_bytes: int | None = None
+    optimization_level: int = 3
+    plugin_libraries: Sequence[Path] = ()
+    weakly_typed_fp16: bool = False
+    timing_cache: bool = True
+    force: bool = False
+    device_index: int = 0
+    verbose: bool = False
+
+    def validate(self) -> None:
+        if self.precision not in ("fp32", "fp16", "int8"):
+            raise FaceMoEError(f"unknown precision {self.precision!r}; choose fp32, fp16 or int8")
+        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
+            raise FaceMoEError(
+                f"batch profile must satisfy 1 <= min <= opt <= max, got {self.min_batch}/{self.opt_batch}/"
+                f"{self.max_batch}"
+            )
+        if not 0 <= self.optimization_level <= 5:
+            raise FaceMoEError(f"builder optimisation level must be 0..5, got {self.optimization_level}")
+        if self.workspace_bytes is not None and self.workspace_bytes < 16 << 20:
+            raise FaceMoEError(f"workspace {self.workspace_bytes} bytes is too small (at least 16 MiB)")
+        if self.weakly_typed_fp16 and self.precision != "fp16":
+            raise FaceMoEError("the weakly typed fallback only builds fp16 engines")
+
+    def effective_workspace(self, jetson: bool) -> int | None:
+        if self.workspace_bytes is not None:
+            return self.workspace_bytes
+        return JETSON_WORKSPACE_BYTES if jetson else None
+
+
+@dataclass
+class BuiltEngine:
+    path: Path
+    identity: EngineIdentity
+    sha256: str
+    reused: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------- plugins
+
+
+def load_plugin_libraries(paths: Sequence[str | Path]) -> dict[str, str]:
+    """Register plugin libraries with TensorRT's global registry; returns name -> sha256 of each."""
+    if not paths:
+        return {}
+    require_tensorrt()
+    import tensorrt as trt
+
+    hashes = plugin_hashes([Path(p) for p in paths])
+    registry = trt.get_plugin_registry()
+    for path in paths:
+        resolved = str(Path(path).resolve())
+        if resolved in _LOADED_PLUGINS:
+            continue
+        try:
+            if hasattr(registry, "load_library"):
+                handle = registry.load_library(resolved)
+                if handle is None:
+                    raise OSError("TensorRT's plugin registry refused it (see the TensorRT log above)")
+            else:  # TensorRT before 10 registers creators from the library's static initialisers
+                ctypes.CDLL(resolved, mode=ctypes.RTLD_GLOBAL)
+        except OSError as exc:
+            raise FaceMoEError(f"{path}: cannot load TensorRT plugin library: {exc}") from exc
+        _LOADED_PLUGINS[resolved] = hashes[Path(path).name]
+    return hashes
+
+
+def bundle_plugin_libraries(bundle: Bundle) -> list[Path]:
+    """Plugin libraries shipped inside the bundle (``plugins/*.so``), used when none are given."""
+    folder = bundle.root / "plugins"
+    return sorted(folder.glob("*.so")) if folder.is_dir() else []
+
+
+def needs_plugins(bundle: Bundle, precision: str) -> bool:
+    """Whether the artifact holds custom gating nodes (domain ``facemoe``) that only a plugin implements."""
+    art = bundle.manifest.artifacts.get(precision)
+    gating = (art.gating if art else "onnx") or "onnx"
+    return gating != "onnx" or bundle.manifest.routing.get("gating", "onnx") not in ("onnx", None)
+
+
+# --------------------------------------------------------------------------------------------- build
+
+
+def _logger(verbose: bool, messages: list[tuple[int, str]]) -> trt.ILogger:
+    import tensorrt as trt
+
+    shown = int(trt.ILogger.Severity.VERBOSE if verbose else trt.ILogger.Severity.WARNING)
+
+    class _CapturingLogger(trt.ILogger):
+        """Keeps every message (errors feed the final message and OOM detection), echoes warnings and worse."""
+
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+
+        def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
+            messages.append((int(severity), msg))
+            if int(severity) <= shown:
+                print(f"[TensorRT {getattr(severity, 'name', severity)}] {msg}", flush=True)
+
+    return _CapturingLogger()
+
+
+def _errors(messages: list[tuple[int, str]]) -> list[str]:
+    # Severity order is INTERNAL_ERROR (0), ERROR (1), WARNING (2), INFO (3), VERBOSE (4).
+    return [msg for level, msg in messages if level <= 1]
+
+
+def _network_flags(caps: TensorRTCapabilities, weak: bool) -> int:
+    import tensorrt as trt
+
+    if weak or caps.always_strongly_typed:
+        return 0  # 11.x ignores the flag (strong typing is unconditional)
+    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+
+
+def _parse_onnx(parser: trt.OnnxParser, path: Path) -> None:
+    # parse_from_file (not parse(bytes)) so the parser resolves external weight files beside the model.
+    if parser.parse_from_file(str(path)):
+        return
+    errors = []
+    for index in range(parser.num_errors):
+        error = parser.get_error(index)
+        where = ""
+        with contextlib.suppress(AttributeError):
+            where = f" at node {error.node_name() or error.node()} ({error.node_operator()})"
+        errors.append(f"{error.desc()}{where}")
+    raise FaceMoEError(f"{path}: TensorRT's ONNX parser failed: " + "; ".join(errors[:5]))
+
+
+def _timing_cache(config: trt.IBuilderConfig, path: Path, enabled: bool, notes: list[str]) -> trt.ITimingCache | None:
+    if not enabled:
+        return None
+    data = path.read_bytes() if path.is_file() else b""
+    cache = config.create_timing_cache(data)
+    if config.set_timing_cache(cache, False):
+        if data:
+            notes.append(f"reused timing cache {path.name} ({len(data)} bytes)")
+        return cache
+    notes.append(f"timing cache {path.name} is from another GPU or TensorRT version: starting a new one")
+    cache = config.create_timing_cache(b"")
+    config.set_timing_cache(cache, False)
+    return cache
+
+
+def _out_of_memory_message(errors: list[str], options: BuildOptions, workspace: int | None, jetson: bool) -> str:
+    ws = f"{workspace / 2**30:.1f} GiB" if workspace else "TensorRT default (all device memory)"
+    hints = [
+        f"a smaller --workspace (now {ws})",
+        f"a smaller --max-batch (now {options.max_batch})",
+        f"a lower --opt-level (now {options.optimization_level})",
+        "closing other programs that hold GPU memory",
+    ]
+    if jetson:
+        hints.append(
+            "on Jetson the GPU shares system memory: stop the desktop (sudo systemctl isolate multi-user.target) "
+            "and add swap"
+        )
+    first = errors[0] if errors else "no detail"
+    return f"TensorRT ran out of memory while building the {options.precision} engine ({first}). Try " + ", ".join(
+        hints
+    )
+
+
+def _is_oom(text: str) -> bool:
+    text = text.lower()
+    return any(marker in text for marker in _OOM_MARKERS)
+
+
+@contextlib.contextmanager
+def _manifest_lock(root: Path) -> Iterator[None]:
+    """Serialise manifest rewrites between concurrent builds into one bundle (POSIX; no-op elsewhere)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    (root / ENGINES_DIR).mkdir(exist_ok=True)
+    with open(root / ENGINES_DIR / ".manifest.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def record_engine(bundle_root: str | Path, entry: dict[str, object]) -> None:
+    """Add (or replace, same file) an engine in manifest.json's ``engines`` list, atomically.
+
+    The manifest is edited as JSON rather than through ``Manifest`` so fields this version does not know
+    survive the rewrite.
+    """
+    root = Path(bundle_root)
+    with _manifest_lock(root):
+        path = root / MANIFEST_NAME
+        data = json.loads(path.read_text())
+        engines = [e for e in data.get("engines", []) if e.get("file") != entry["file"]]
+        engines.append(entry)
+        data["engines"] = engines
+        write_json_atomic(path, data)
+
+
+def _existing(bundle: Bundle, identity: EngineIdentity) -> BuiltEngine | None:
+    path = bundle.root / ENGINES_DIR / identity.engine_file_name()
+    if not path.is_file():
+        return None
+    try:
+        recorded, digest = read_sidecar(path)
+    except BundleError:
+        return None
+    if recorded.cache_key != identity.cache_key or sha256_file(path) != digest:
+        return None
+    return BuiltEngine(path, recorded, digest, reused=True)
+
+
+def _source_onnx(bundle: Bundle, options: BuildOptions, caps: TensorRTCapabilities) -> tuple[str, bool]:
+    """(artifact precision to parse, weakly typed?)."""
+    if options.weakly_typed_fp16:
+        if not caps.weak_fp16 or caps.always_strongly_typed:
+            raise FaceMoEError(
+                f"TensorRT {caps.version} has no weakly typed FP16 (removed in TensorRT 11): export the "
+                "mixed-precision fp16 ONNX (facemoe-export --fp16) and build from it"
+            )
+        return "fp32", True
+    if not caps.strongly_typed:
+        raise FaceMoEError(
+            f"TensorRT {caps.version} cannot build strongly typed networks; TensorRT 10.0 or newer is needed"
+            + (" (or pass --weak-fp16 for an fp16 engine from the fp32 ONNX)" if caps.weak_fp16 else "")
+        )
+    if options.precision not in bundle.manifest.artifacts:
+        hint = (
+            " or pass --weak-fp16 to build from the fp32 ONNX" if options.precision == "fp16" and caps.weak_fp16 else ""
+        )
+        raise BundleError(
+            f"{bundle.root}: no {options.precision} ONNX to build from (it has: {', '.join(bundle.precisions)}); "
+            f"re-export with --{options.precision}{hint}"
+        )
+    return options.precision, False
+
+
+def build_engine(
+    bundle: Bundle | str | Path,
+    options: BuildOptions | None = None,
+    *,
+    device: DeviceInfo | None = None,
+    log: Callable[[str], None] | None = None,
+) -> BuiltEngine:
+    """Build (or reuse) the engine for ``options`` on this GPU and record it in the bundle."""
+    options = options or BuildOptions()
+    options.validate()
+    say = log or (lambda _msg: None)
+    if not isinstance(bundle, Bundle):
+        bundle = Bundle(bundle)
+    require_tensorrt()
+    import tensorrt as trt
+
+    caps = capabilities()
+    device = device or detect_device(options.device_index)
+    if not device.has_gpu:
+        raise FaceMoEError("no NVIDIA GPU found: TensorRT engines are built on the GPU they will run on")
+    source_precision, weak = _source_onnx(bundle, options, caps)
+    onnx_path = bundle.artifact_path(source_precision, verify=True)
+    artifact = bundle.artifact(source_precision)
+
+    libraries = [Path(p) for p in options.plugin_libraries] or bundle_plugin_libraries(bundle)
+    if needs_plugins(bundle, source_precision) and not libraries:
+        raise FaceMoEError(
+            f"{onnx_path}: the graph has custom gating nodes (domain {CUSTOM_OP_DOMAIN!r}) that only a TensorRT "
+            "plugin implements; pass --plugin path/to/the/plugin/library.so"
+        )
+    plugins = load_plugin_libraries(libraries)
+
+    jetson = device.is_jetson or is_jetson()
+    workspace = options.effective_workspace(jetson)
+    identity = EngineIdentity(
+        gpu_name=device.gpu_name or "unknown",
+        compute_capability=device.compute_capability or "unknown",
+        tensorrt_version=caps.version,
+        precision=options.precision,
+        min_batch=options.min_batch,
+        opt_batch=options.opt_batch,
+        max_batch=options.max_batch,
+        onnx_sha256=artifact.sha256,
+        onnx_file=artifact.file,
+        plugin_hashes=plugins,
+        builder_optimization_level=options.optimization_level,
+        strongly_typed=not weak,
+        workspace_bytes=workspace,
+    )
+    if not options.force and (found := _existing(bundle, identity)) is not None:
+        say(f"engine {found.path.name} already matches this GPU, TensorRT and ONNX: reusing it")
+        record_engine(bundle.root, manifest_entry(bundle.root, found.path, found.identity, found.sha256))
+        return found
+
+    if options.device_index:
+        cudart = load_cudart()
+        if cudart is not None:
+            cudart.cudaSetDevice(options.device_index)
+    messages: list[tuple[int, str]] = []
+    notes: list[str] = []
+    logger = _logger(options.verbose, messages)
+    trt.init_libnvinfer_plugins(logger, "")
+    builder = trt.Builder(logger)
+    network = builder.create_network(_network_flags(caps, weak))
+    parser = trt.OnnxParser(network, logger)
+    say(f"parsing {onnx_path.name} ({'weakly typed + FP16 flag' if weak else 'strongly typed'})")
+    _parse_onnx(parser, onnx_path)
+
+    config = builder.create_builder_config()
+    if workspace is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
+    if caps.optimization_level:
+        config.builder_optimization_level = options.optimization_level
+    if weak:
+        config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    for index in range(network.num_inputs):
+        tensor = network.get_input(index)
+        dims = [int(tensor.shape[i]) for i in range(len(tensor.shape))]
+        if any(d < 0 for d in dims[1:]):
+            raise FaceMoEError(f"{onnx_path}: input {tensor.name!r} has dynamic non-batch dims {dims}")
+        profile.set_shape(
+            tensor.name,
+            trt.Dims([options.min_batch, *dims[1:]]),
+            trt.Dims([options.opt_batch, *dims[1:]]),
+            trt.Dims([options.max_batch, *dims[1:]]),
+        )
+    config.add_optimization_profile(profile)
+    cache_path = bundle.root / ENGINES_DIR / TIMING_CACHE_NAME
+    _timing_cache(config, cache_path, options.timing_cache, notes)
+
+    say(
+        f"building {options.precision} engine for {identity.compute_capability} ({identity.gpu_name}), "
+        f"batch {options.min_batch}/{options.opt_batch}/{options.max_batch}, opt level {options.optimization_level}"
+    )
+    start = time.perf_counter()
+    try:
+        serialized = builder.build_serialized_network(network, config)
+    except (MemoryError, RuntimeError) as exc:
+        errors = [*_errors(messages), str(exc)]
+        if _is_oom(" ".join(errors)) or isinstance(exc, MemoryError):
+            raise FaceMoEError(_out_of_memory_message(errors, options, workspace, jetson)) from exc
+        raise FaceMoEError(f"TensorRT engine build failed: {exc}") from exc
+    seconds = time.perf_counter() - start
+    if serialized is None:
+        errors = _errors(messages)
+        if _is_oom(" ".join(errors)):
+            raise FaceMoEError(_out_of_memory_message(errors, options, workspace, jetson))
+        raise FaceMoEError(
+            "TensorRT engine build failed: " + ("; ".join(errors[-3:]) or "no error reported (run with --verbose)")
+        )
+
+    identity = dataclasses.replace(identity, build_time=EngineIdentity.now(), build_seconds=seconds)
+    engine_path = bundle.root / ENGINES_DIR / identity.engine_file_name()
+    with atomic_path(engine_path) as tmp:
+        tmp.write_bytes(memoryview(serialized))
+    digest = sha256_file(engine_path)
+    write_sidecar(engine_path, identity, digest)
+    if options.timing_cache:
+        timing = config.get_timing_cache()
+        if timing is not None:
+            with atomic_path(cache_path) as tmp:
+                tmp.write_bytes(memoryview(timing.serialize()))
+    record_engine(bundle.root, manifest_entry(bundle.root, engine_path, identity, digest))
+    notes.append(f"built in {seconds:.1f} s")
+    return BuiltEngine(engine_path, identity, digest, reused=False, notes=notes)
+
+
+__all__ = [
+    "DEFAULT_PROFILE",
+    "JETSON_WORKSPACE_BYTES",
+    "BuildOptions",
+    "BuiltEngine",
+    "TensorRTCapabilities",
+    "build_engine",
+    "bundle_plugin_libraries",
+    "capabilities",
+    "load_plugin_libraries",
+    "needs_plugins",
+    "record_engine",
+    "require_tensorrt",
+]

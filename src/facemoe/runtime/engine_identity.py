@@ -1,0 +1,514 @@
+"""What a TensorRT engine was built for, and whether it may run here (torch-free, TensorRT-free).
+
+A serialized engine is only valid on the GPU architecture (compute capability), the exact TensorRT
+version and the plugin builds it was made with; loading it elsewhere fails deep inside TensorRT or, worse,
+works with the wrong kernels. So every engine in a bundle carries a sidecar ``<engine>.json`` recording
+its :class:`EngineIdentity` and the engine file's sha256, its file name spells the fields that decide
+compatibility, and the runtime compares the sidecar with :func:`detect_device` before deserialising,
+refusing (or rebuilding) with a sentence a person can act on: "built on sm_87 with TensorRT 10.3, this is
+sm_89 with TensorRT 10.13".
+
+The current device is found without torch: cuda-python where installed (what the TensorRT backend uses
+anyway), else ``nvidia-smi``, else the Jetson device tree, else "no GPU".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import importlib
+import json
+import platform
+import shutil
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import facemoe
+from facemoe.bundle import Bundle
+from facemoe.errors import BundleError, EngineMismatchError
+from facemoe.fileio import sha256_file, write_json_atomic
+from facemoe.runtime.backends.base import BackendUnavailable
+
+SIDECAR_FORMAT = "facemoe-engine"
+SIDECAR_SCHEMA_VERSION = 1
+ENGINES_DIR = "engines"
+
+# Monkeypatched in tests; real locations on Linux / L4T.
+TEGRA_RELEASE = Path("/etc/nv_tegra_release")
+DEVICE_TREE = Path("/proc/device-tree")
+
+# Jetson SoCs whose integrated GPU nvidia-smi may not describe (JetPack 5 ships no nvidia-smi at all).
+_TEGRA_SOCS = {
+    "tegra234": ("sm_87", "Jetson Orin"),
+    "tegra194": ("sm_72", "Jetson Xavier"),
+    "tegra186": ("sm_62", "Jetson TX2"),
+    "tegra210": ("sm_53", "Jetson Nano/TX1"),
+}
+
+
+class EngineUnavailable(BackendUnavailable, EngineMismatchError):
+    """No engine in the bundle fits this GPU / TensorRT / request.
+
+    Both a ``BackendUnavailable`` (so ``auto`` backend selection moves on to ONNX Runtime) and an
+    ``EngineMismatchError`` (so callers asking for TensorRT explicitly can tell it from a missing library).
+    """
+
+
+# --------------------------------------------------------------------------------------------- device
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """The GPU (if any) and TensorRT (if any) of this machine."""
+
+    gpu_name: str | None
+    compute_capability: str | None
+    total_memory_bytes: int | None = None
+    tensorrt_version: str | None = None
+    is_jetson: bool = False
+    source: str = "none"
+
+    @property
+    def has_gpu(self) -> bool:
+        return self.compute_capability is not None
+
+    def describe(self) -> str:
+        gpu = f"{self.compute_capability} ({self.gpu_name})" if self.has_gpu else "no GPU"
+        trt = f"TensorRT {self.tensorrt_version}" if self.tensorrt_version else "no TensorRT"
+        return f"{gpu} with {trt}"
+
+
+def load_cudart() -> ModuleType | None:
+    """cuda-python's runtime module: ``cuda.bindings.runtime`` (12.6+), else the older ``cuda.cudart``."""
+    for name in ("cuda.bindings.runtime", "cuda.cudart"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    return None
+
+
+def import_tensorrt() -> ModuleType | None:
+    """The real ``tensorrt`` module, or None.
+
+    ``tensorrt-stubs`` installs a bare ``tensorrt/`` folder of .pyi files, which Python imports as an empty
+    namespace package: a module without ``Builder`` is not TensorRT.
+    """
+    try:
+        module = importlib.import_module("tensorrt")
+    except Exception:  # not installed, or a broken install (missing libnvinfer: OSError from the bindings)
+        return None
+    return module if hasattr(module, "Builder") and hasattr(module, "Runtime") else None
+
+
+def tensorrt_version() -> str | None:
+    trt = import_tensorrt()
+    return str(getattr(trt, "__version__", "unknown")) if trt is not None else None
+
+
+def _read_device_tree(name: str) -> str:
+    try:
+        return (DEVICE_TREE / name).read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def is_jetson() -> bool:
+    """An NVIDIA Jetson (L4T): unified CPU/GPU memory, so builds need a smaller workspace."""
+    if TEGRA_RELEASE.exists():
+        return True
+    if platform.machine() != "aarch64":
+        return False
+    return "tegra" in platform.release().lower() or "tegra" in _read_device_tree("compatible").lower()
+
+
+def _probe_cuda_python(index: int) -> DeviceInfo | None:
+    cudart = load_cudart()
+    if cudart is None:
+        return None
+    try:
+        err, count = cudart.cudaGetDeviceCount()
+        if int(err) != 0 or count <= index:
+            return None
+        err, prop = cudart.cudaGetDeviceProperties(index)
+        if int(err) != 0:
+            return None
+    except Exception:  # a driver/library mismatch surfaces as RuntimeError from the bindings
+        return None
+    name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
+    return DeviceInfo(
+        gpu_name=name.rstrip("\0").strip(),
+        compute_capability=f"sm_{prop.major}{prop.minor}",
+        total_memory_bytes=int(prop.totalGlobalMem),
+        source="cuda-python",
+    )
+
+
+def _run_nvidia_smi(args: list[str]) -> str | None:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        done = subprocess.run([exe, *args], capture_output=True, text=True, timeout=15, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def _probe_nvidia_smi(index: int) -> DeviceInfo | None:
+    out = _run_nvidia_smi(
+        ["--query-gpu=name,compute_cap,memory.total", "--format=csv,noheader,nounits", f"--id={index}"]
+    )
+    if not out or not out.strip():
+        return None
+    parts = [p.strip() for p in out.strip().splitlines()[0].split(",")]
+    if len(parts) < 2:
+        return None
+    name, cap = parts[0], parts[1]
+    try:
+        major, minor = cap.split(".")
+        capability = f"sm_{int(major)}{int(minor)}"
+    except ValueError:  # drivers before 510 cannot report compute_cap
+        return None
+    try:
+        memory = int(float(parts[2])) * 1024 * 1024 if len(parts) > 2 else None
+    except ValueError:
+        memory = None
+    return DeviceInfo(gpu_name=name, compute_capability=capability, total_memory_bytes=memory, source="nvidia-smi")
+
+
+def _probe_tegra() -> DeviceInfo | None:
+    compatible = _read_device_tree("compatible").lower()
+    for soc, (capability, family) in _TEGRA_SOCS.items():
+        if soc in compatible:
+            model = _read_device_tree("model") or family
+            return DeviceInfo(gpu_name=model, compute_capability=capability, source="device tree")
+    return None
+
+
+def detect_device(index: int = 0) -> DeviceInfo:
+    """GPU ``index`` and the TensorRT version of this machine, without torch."""
+    jetson = is_jetson()
+    found = _probe_cuda_python(index) or _probe_nvidia_smi(index) or (_probe_tegra() if jetson else None)
+    if found is None:
+        found = DeviceInfo(gpu_name=None, compute_capability=None)
+    return dataclasses.replace(found, tensorrt_version=tensorrt_version(), is_jetson=jetson)
+
+
+# ------------------------------------------------------------------------------------------- identity
+
+
+@dataclass(frozen=True)
+class EngineIdentity:
+    """Everything an engine was built from and for (the sidecar's ``identity``)."""
+
+    gpu_name: str
+    compute_capability: str
+    tensorrt_version: str
+    precision: str
+    min_batch: int
+    opt_batch: int
+    max_batch: int
+    onnx_sha256: str
+    onnx_file: str = ""
+    plugin_hashes: Mapping[str, str] = field(default_factory=dict)
+    builder_optimization_level: int = 3
+    strongly_typed: bool = True
+    workspace_bytes: int | None = None
+    build_time: str = ""
+    build_seconds: float | None = None
+    facemoe_version: str = facemoe.__version__
+
+    def compatibility_fields(self) -> dict[str, Any]:
+        """The fields that decide whether an engine can serve a request (build time etc. do not)."""
+        return {
+            "compute_capability": self.compute_capability,
+            "tensorrt_version": self.tensorrt_version,
+            "precision": self.precision,
+            "profile": [self.min_batch, self.opt_batch, self.max_batch],
+            "onnx_sha256": self.onnx_sha256,
+            "plugins": dict(sorted(self.plugin_hashes.items())),
+        }
+
+    @property
+    def cache_key(self) -> str:
+        canonical = json.dumps(self.compatibility_fields(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def engine_file_name(self) -> str:
+        """E.g. ``model.fp16.sm_87.trt10.3.0.b1-8-32.0123456789ab.engine``: readable, and unique per key."""
+        version = ".".join(self.tensorrt_version.split(".")[:3])
+        profile = f"b{self.min_batch}-{self.opt_batch}-{self.max_batch}"
+        return f"model.{self.precision}.{self.compute_capability}.trt{version}.{profile}.{self.cache_key[:12]}.engine"
+
+    def covers(self, batch: int) -> bool:
+        return self.min_batch <= batch <= self.max_batch
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["plugin_hashes"] = dict(sorted(self.plugin_hashes.items()))
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], source: str = "sidecar") -> EngineIdentity:
+        known = {f.name for f in dataclasses.fields(cls)}
+        try:
+            kwargs = {k: v for k, v in data.items() if k in known}
+            kwargs["plugin_hashes"] = dict(kwargs.get("plugin_hashes") or {})
+            identity = cls(**kwargs)
+            for name in ("min_batch", "opt_batch", "max_batch"):
+                int(getattr(identity, name))
+        except (TypeError, ValueError) as exc:
+            raise BundleError(f"{source}: malformed engine identity: {exc}") from exc
+        return identity
+
+    @staticmethod
+    def now() -> str:
+        return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _version_pair(recorded: str, current: str) -> tuple[str, str]:
+    """Shortest dotted prefixes (at least major.minor) that tell two versions apart."""
+    a, b = recorded.split("."), current.split(".")
+    for width in range(2, max(len(a), len(b)) + 1):
+        if a[:width] != b[:width]:
+            return ".".join(a[:width]), ".".join(b[:width])
+    return recorded, current
+
+
+def compare(recorded: EngineIdentity, current: EngineIdentity, check_profile: bool = True) -> list[str]:
+    """Why an engine built as ``recorded`` cannot serve ``current``; empty when it can.
+
+    ``current`` is the identity an engine built here and now would have (this GPU, this TensorRT, the
+    bundle's ONNX, the plugin libraries found here). A plugin library present here but not used by the
+    engine is not a mismatch.
+    """
+    problems = []
+    if (recorded.compute_capability, recorded.tensorrt_version) != (
+        current.compute_capability,
+        current.tensorrt_version,
+    ):
+        old, new = _version_pair(recorded.tensorrt_version, current.tensorrt_version)
+        problems.append(
+            f"built on {recorded.compute_capability} ({recorded.gpu_name}) with TensorRT {old}, "
+            f"this is {current.compute_capability} ({current.gpu_name}) with TensorRT {new}"
+        )
+    if recorded.precision != current.precision:
+        problems.append(f"built for {recorded.precision}, {current.precision} was requested")
+    if recorded.onnx_sha256 and current.onnx_sha256 and recorded.onnx_sha256 != current.onnx_sha256:
+        problems.append(
+            f"built from an ONNX with sha256 {recorded.onnx_sha256[:12]}..., the bundle's "
+            f"{current.onnx_file or 'model'} has {current.onnx_sha256[:12]}... (the model was re-exported)"
+        )
+    for name, digest in sorted(recorded.plugin_hashes.items()):
+        have = current.plugin_hashes.get(name)
+        if have is None:
+            problems.append(f"built with plugin library {name}, which is not available here")
+        elif have != digest:
+            problems.append(f"built with plugin library {name} {digest[:12]}..., the one here is {have[:12]}...")
+    if check_profile and (recorded.min_batch, recorded.opt_batch, recorded.max_batch) != (
+        current.min_batch,
+        current.opt_batch,
+        current.max_batch,
+    ):
+        problems.append(
+            f"built for batch {recorded.min_batch}..{recorded.max_batch} (opt {recorded.opt_batch}), "
+            f"{current.min_batch}..{current.max_batch} (opt {current.opt_batch}) was requested"
+        )
+    return problems
+
+
+# -------------------------------------------------------------------------------------------- sidecar
+
+
+def sidecar_path(engine_path: str | Path) -> Path:
+    engine_path = Path(engine_path)
+    return engine_path.with_name(engine_path.name + ".json")
+
+
+def write_sidecar(engine_path: str | Path, identity: EngineIdentity, engine_sha256: str | None = None) -> Path:
+    """Write ``<engine>.json`` (atomically) next to a finished engine file."""
+    engine_path = Path(engine_path)
+    digest = engine_sha256 or sha256_file(engine_path)
+    path = sidecar_path(engine_path)
+    write_json_atomic(
+        path,
+        {
+            "format": SIDECAR_FORMAT,
+            "schema_version": SIDECAR_SCHEMA_VERSION,
+            "engine_file": engine_path.name,
+            "engine_sha256": digest,
+            "engine_bytes": engine_path.stat().st_size,
+            "cache_key": identity.cache_key,
+            "identity": identity.to_json(),
+        },
+    )
+    return path
+
+
+def read_sidecar(engine_path: str | Path) -> tuple[EngineIdentity, str]:
+    """(identity, recorded engine sha256) of an engine; BundleError when the sidecar is missing or bad."""
+    path = sidecar_path(engine_path)
+    if not path.is_file():
+        raise BundleError(f"{path}: engine sidecar is missing; an engine without one cannot be checked, rebuild it")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: unreadable engine sidecar: {exc}") from exc
+    if data.get("format") != SIDECAR_FORMAT or data.get("schema_version") != SIDECAR_SCHEMA_VERSION:
+        raise BundleError(f"{path}: not a FaceMoE engine sidecar of schema {SIDECAR_SCHEMA_VERSION}")
+    digest = data.get("engine_sha256")
+    if not isinstance(digest, str) or len(digest) != 64:
+        raise BundleError(f"{path}: engine sidecar has no valid engine_sha256")
+    return EngineIdentity.from_json(data.get("identity") or {}, source=str(path)), digest
+
+
+def verify_engine_file(engine_path: str | Path, expected_sha256: str) -> None:
+    """Refuse an engine whose bytes are not the ones its sidecar recorded (before TensorRT parses them)."""
+    engine_path = Path(engine_path)
+    if not engine_path.is_file():
+        raise BundleError(f"{engine_path}: engine file is missing")
+    actual = sha256_file(engine_path)
+    if actual != expected_sha256:
+        raise EngineMismatchError(
+            f"{engine_path}: sha256 {actual[:12]}... does not match its sidecar ({expected_sha256[:12]}...); "
+            "the engine file was modified or truncated: rebuild it with facemoe build-engine"
+        )
+
+
+def manifest_entry(bundle_root: str | Path, engine_path: str | Path, identity: EngineIdentity, sha: str) -> dict:
+    """The summary of one engine kept in manifest.json's ``engines`` list (the sidecar stays authoritative)."""
+    root, engine_path = Path(bundle_root), Path(engine_path)
+    rel = engine_path.relative_to(root).as_posix()
+    return {
+        "file": rel,
+        "sidecar": sidecar_path(engine_path).relative_to(root).as_posix(),
+        "sha256": sha,
+        "cache_key": identity.cache_key,
+        "precision": identity.precision,
+        "gpu_name": identity.gpu_name,
+        "compute_capability": identity.compute_capability,
+        "tensorrt_version": identity.tensorrt_version,
+        "min_batch": identity.min_batch,
+        "opt_batch": identity.opt_batch,
+        "max_batch": identity.max_batch,
+        "built": identity.build_time,
+    }
+
+
+# ------------------------------------------------------------------------------------------ selection
+
+
+def plugin_hashes(paths: list[Path] | tuple[Path, ...]) -> dict[str, str]:
+    """File name -> sha256 of plugin libraries (the name is what an engine records)."""
+    hashes = {}
+    for path in paths:
+        if not Path(path).is_file():
+            raise BundleError(f"{path}: plugin library not found")
+        hashes[Path(path).name] = sha256_file(path)
+    return hashes
+
+
+def current_identity(
+    recorded: EngineIdentity, bundle: Bundle, device: DeviceInfo, plugins: Mapping[str, str]
+) -> EngineIdentity:
+    """The identity an engine like ``recorded`` would have if it were built here from this bundle."""
+    onnx_sha, onnx_file = "", recorded.onnx_file
+    for art in bundle.manifest.artifacts.values():
+        if art.file == recorded.onnx_file:
+            onnx_sha = art.sha256
+    return dataclasses.replace(
+        recorded,
+        gpu_name=device.gpu_name or "no GPU",
+        compute_capability=device.compute_capability or "none",
+        tensorrt_version=device.tensorrt_version or "none",
+        onnx_sha256=onnx_sha,
+        onnx_file=onnx_file,
+        plugin_hashes=dict(plugins),
+    )
+
+
+@dataclass
+class EngineChoice:
+    path: Path
+    identity: EngineIdentity
+    sha256: str
+
+
+def select_engine(
+    bundle: Bundle,
+    precision: str,
+    batch: int,
+    device: DeviceInfo,
+    plugins: Mapping[str, str] | None = None,
+    verify: bool = True,
+) -> EngineChoice:
+    """The bundle's engine for ``precision`` that runs here and serves batches up to ``batch``.
+
+    Among fitting engines the one with the smallest maximum batch wins (least activation memory).
+    Raises ``EngineUnavailable`` listing, per engine, why it does not fit; with ``verify`` the chosen
+    file's sha256 is checked against its sidecar (``EngineMismatchError`` when it differs).
+    """
+    plugins = dict(plugins or {})
+    candidates = [e for e in bundle.manifest.engines if e.get("precision") == precision]
+    if not candidates:
+        have = sorted({str(e.get("precision")) for e in bundle.manifest.engines})
+        raise EngineUnavailable(
+            f"{bundle.root}: no {precision} TensorRT engine in the bundle"
+            + (f" (it has engines for: {', '.join(have)})" if have else "")
+            + f"; build one here with: facemoe build-engine {bundle.root} --precision {precision}"
+        )
+    fitting: list[EngineChoice] = []
+    reasons: list[str] = []
+    for entry in candidates:
+        path = bundle.root / str(entry.get("file", ""))
+        try:
+            identity, digest = read_sidecar(path)
+        except BundleError as exc:
+            reasons.append(str(exc))
+            continue
+        problems = compare(identity, current_identity(identity, bundle, device, plugins), check_profile=False)
+        if not identity.covers(batch):
+            problems.append(
+                f"serves batches {identity.min_batch}..{identity.max_batch}, max batch {batch} was requested"
+            )
+        if problems:
+            reasons.append(f"engine {path.relative_to(bundle.root).as_posix()}: " + "; ".join(problems))
+        else:
+            fitting.append(EngineChoice(path, identity, digest))
+    if not fitting:
+        raise EngineUnavailable(
+            "no usable TensorRT engine: "
+            + " | ".join(reasons)
+            + f". Rebuild for this device with: facemoe build-engine {bundle.root} --precision {precision}"
+            + (f" --max-batch {batch}" if batch > 32 else "")
+        )
+    choice = min(fitting, key=lambda c: c.identity.max_batch)
+    if verify:
+        verify_engine_file(choice.path, choice.sha256)
+    return choice
+
+
+__all__ = [
+    "DeviceInfo",
+    "EngineChoice",
+    "EngineIdentity",
+    "EngineUnavailable",
+    "compare",
+    "detect_device",
+    "import_tensorrt",
+    "is_jetson",
+    "load_cudart",
+    "manifest_entry",
+    "plugin_hashes",
+    "read_sidecar",
+    "select_engine",
+    "sidecar_path",
+    "verify_engine_file",
+    "write_sidecar",
+]

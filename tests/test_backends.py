@@ -1,0 +1,164 @@
+"""Backends on the CPU: ONNX Runtime batching, backend selection, the PyTorch backend's CPU mode."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from facemoe.bundle import MANIFEST_NAME, Bundle
+from facemoe.errors import BundleError
+from facemoe.fileio import write_json_atomic
+from facemoe.runtime.backends import BackendUnavailable, open_backend
+from facemoe.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+from facemoe.runtime.engine_identity import detect_device, import_tensorrt
+
+torch = pytest.importorskip("torch")
+
+from facemoe.export.onnx_export import run_onnx  # noqa: E402  (needs torch)
+from facemoe.runtime.backends.torch_backend import TorchBackend, apply_fp16, buckets_for  # noqa: E402
+
+NO_GPU = not detect_device().has_gpu
+
+
+def faces(n: int, seed: int = 7) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(-1, 1, (n, 3, 120, 120)).astype(np.float32)
+
+
+def test_onnxruntime_splits_batches_above_max_batch(tiny_bundle: Path) -> None:
+    bundle = Bundle(tiny_bundle)
+    backend = OnnxRuntimeBackend.from_bundle(bundle, "fp32", max_batch=4, threads=1)
+    batch = faces(10)
+    calls = []
+    original = backend._embed_batch
+
+    def spy(chunk: np.ndarray) -> np.ndarray:
+        calls.append(len(chunk))
+        return original(chunk)
+
+    backend._embed_batch = spy  # type: ignore[method-assign]
+    got = backend.embed(batch)
+    assert calls == [4, 4, 2]
+    expected = run_onnx(bundle.artifact_path("fp32"), batch)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert got.shape == (10, bundle.manifest.embedding_size) and got.dtype == np.float32
+    assert backend.embed(np.zeros((0, 3, 120, 120), np.float32)).shape == (0, backend.embedding_size)
+
+
+def test_onnxruntime_refuses_a_modified_artifact(tiny_bundle: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, copy)
+    with open(copy / "model.fp32.onnx", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(BundleError, match="does not match the manifest"):
+        OnnxRuntimeBackend.from_bundle(Bundle(copy), "fp32")
+
+
+@pytest.mark.skipif(not NO_GPU, reason="auto picks a GPU backend where there is one")
+def test_auto_picks_onnxruntime_without_gpu(tiny_bundle: Path) -> None:
+    backend = open_backend(tiny_bundle, "auto", threads=1)
+    assert backend.name == "onnxruntime" and backend.precision == "fp32"
+
+
+@pytest.mark.skipif(import_tensorrt() is not None and not NO_GPU, reason="TensorRT and a GPU are present")
+def test_explicit_tensorrt_is_unavailable_with_a_reason(tiny_bundle: Path) -> None:
+    with pytest.raises(BackendUnavailable) as info:
+        open_backend(tiny_bundle, "tensorrt")
+    message = str(info.value)
+    assert any(
+        reason in message
+        for reason in ("TensorRT is not installed", "cuda-python is not installed", "no NVIDIA GPU found")
+    ), message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
+def test_explicit_torch_backend_needs_cuda_for_fp16(tiny_bundle: Path) -> None:
+    with pytest.raises(BackendUnavailable, match="PyTorch sees no CUDA GPU"):
+        open_backend(tiny_bundle, "torch")
+
+
+def test_torch_cpu_backend_matches_onnxruntime(tiny_bundle: Path) -> None:
+    """Rebuilt from the bundle (random-weight seed, checked against weights_sha256), fp32 static on the CPU."""
+    bundle = Bundle(tiny_bundle)
+    backend = TorchBackend.from_bundle(bundle, "fp32", max_batch=3, device="cpu")
+    assert (backend.device, backend.cuda_graphs, backend.routing) == ("cpu", False, "static")
+    batch = faces(5, seed=11)
+    got = backend.embed(batch)
+    expected = OnnxRuntimeBackend.from_bundle(bundle, "fp32", threads=1).embed(batch)
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_torch_sparse_routing_equals_static(tiny_model) -> None:
+    batch = faces(3, seed=3)
+    static = TorchBackend(tiny_model, precision="fp32", device="cpu").embed(batch)
+    sparse = TorchBackend(tiny_model, precision="fp32", device="cpu", routing="sparse").embed(batch)
+    np.testing.assert_allclose(static, sparse, atol=1e-5)
+    assert tiny_model.routing == "static"  # the backend converts a copy
+
+
+def test_torch_backend_refusals(tiny_model, tiny_bundle: Path, tmp_path: Path) -> None:
+    with pytest.raises(BackendUnavailable, match="fp16 needs a CUDA GPU"):
+        TorchBackend(tiny_model, precision="fp16", device="cpu")
+    with pytest.raises(BackendUnavailable, match="fp32 or fp16"):
+        TorchBackend(tiny_model, precision="int8", device="cpu")
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, copy)
+    data = json.loads((copy / MANIFEST_NAME).read_text())
+    data["model"]["source"] = {}
+    data["model"]["random_weights"] = False
+    write_json_atomic(copy / MANIFEST_NAME, data)
+    with pytest.raises(BackendUnavailable, match=r"records none \(model.source.path is empty\).*--checkpoint"):
+        TorchBackend.from_bundle(Bundle(copy), "fp32", device="cpu")
+    data["model"]["source"] = {"path": str(tmp_path / "gone.pt")}
+    write_json_atomic(copy / MANIFEST_NAME, data)
+    with pytest.raises(BackendUnavailable, match=r"gone\.pt"):
+        TorchBackend.from_bundle(Bundle(copy), "fp32", device="cpu")
+    data["model"]["source"] = {"random_weights": True, "seed": 1}
+    data["model"]["random_weights"] = True
+    write_json_atomic(copy / MANIFEST_NAME, data)
+    with pytest.raises(BundleError, match="do not match the bundle's"):
+        TorchBackend.from_bundle(Bundle(copy), "fp32", device="cpu")
+
+
+def test_buckets() -> None:
+    assert buckets_for(32) == (1, 2, 4, 8, 16, 32)
+    assert buckets_for(48) == (1, 2, 4, 8, 16, 32, 48)
+    assert buckets_for(1) == (1,)
+
+
+def test_fp16_conversion_keeps_fp32_islands_and_stays_finite(tiny_model) -> None:
+    """The fp16 recipe, run on the CPU (PyTorch has CPU fp16 kernels): no overflow, close to fp32."""
+    import copy
+
+    half = apply_fp16(copy.deepcopy(tiny_model).set_routing("static"))
+    assert half.layers[0].blocks[0].mlp.experts[0].fc1.weight.dtype == torch.float16
+    assert half.layers[0].blocks[0].attn.qkv.weight.dtype == torch.float16
+    assert half.layers[0].blocks[0].mlp.router.gate.weight.dtype == torch.float32
+    assert half.layers[0].blocks[0].norm1.weight.dtype == torch.float32
+    assert half.feature_layer[2].weight.dtype == torch.float32
+    batch = torch.from_numpy(faces(8, seed=5))
+    with torch.inference_mode():
+        ref = tiny_model.eval()(batch).numpy()
+        got = half(batch).numpy()
+    assert got.dtype == np.float32 and np.isfinite(got).all()
+    cos = (ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
+    # Most faces agree to ~1e-6; a token whose 2nd/3rd router logits are nearly tied can flip under any
+    # rounding and, weighted by its raw logit, move one embedding by ~1e-2.
+    assert np.median(cos) > 0.9999 and cos.min() > 0.98
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_torch_cuda_fp16_graphs_match_eager(tiny_model) -> None:
+    batch = faces(5, seed=9)
+    eager = TorchBackend(tiny_model, precision="fp16", cuda_graphs=False, max_batch=8).embed(batch)
+    graphs = TorchBackend(tiny_model, precision="fp16", cuda_graphs=True, max_batch=8)
+    got = graphs.embed(batch)
+    assert set(graphs._graphs) == {8}  # 5 faces padded to the 8 bucket
+    np.testing.assert_allclose(got, eager, atol=2e-2)
+    ref = TorchBackend(tiny_model, precision="fp32", device="cpu").embed(batch)
+    cos = (ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
+    assert cos.min() > 0.99
