@@ -37,11 +37,19 @@ def main() -> None:
                 start = time.perf_counter()
                 model(x)
                 times.append((time.perf_counter() - start) * 1e3)
-        print(json.dumps({
-            "preset": args.preset, "routing": routing, "batch": args.batch, "threads": args.threads,
-            "median_ms": round(statistics.median(times), 1), "min_ms": round(min(times), 1),
-            "torch": torch.__version__,
-        }))
+        print(
+            json.dumps(
+                {
+                    "preset": args.preset,
+                    "routing": routing,
+                    "batch": args.batch,
+                    "threads": args.threads,
+                    "median_ms": round(statistics.median(times), 1),
+                    "min_ms": round(min(times), 1),
+                    "torch": torch.__version__,
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

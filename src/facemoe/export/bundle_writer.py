@@ -30,7 +30,7 @@ from facemoe.errors import ExportError
 from facemoe.export import fp16 as fp16_pass
 from facemoe.export.inputs import paired_views, synthetic_faces
 from facemoe.export.onnx_export import INPUT_NAME, OUTPUT_NAME, export_fp32, save_onnx
-from facemoe.export.parity import DEFAULT_GATES, ParityResult, check_artifact, run_reference
+from facemoe.export.parity import DEFAULT_GATES, ParityResult, compare, run_artifact, run_reference
 from facemoe.fileio import atomic_directory, sha256_file, write_json_atomic
 from facemoe.model.swin import FaceMoE, count_parameters
 
@@ -102,6 +102,20 @@ def parity_table(results: dict[str, ParityResult]) -> Table:
     return table
 
 
+def _face_detector():  # type: ignore[no-untyped-def]
+    """Detector hook for calibration videos and scene images: RetinaFace + 5-point ArcFace alignment."""
+    from facemoe.runtime.alignment import align_face
+    from facemoe.runtime.detection import RetinaFaceDetector
+
+    detector = RetinaFaceDetector(score_threshold=0.7)
+
+    def faces(frame_bgr: np.ndarray) -> list[np.ndarray]:
+        return [align_face(frame_bgr, d.landmarks) for d in detector.detect(frame_bgr) if d.eye_distance >= 8.0]
+
+    faces.__qualname__ = "retinaface_mnet025+arcface_align"  # recorded in the calibration summary
+    return faces
+
+
 def _load_parity_inputs(calib: CalibrationSpec | None, count: int) -> tuple[np.ndarray, dict[str, Any]]:
     """Held-out faces: from the calibration sources (files not used for calibration) or synthetic."""
     if calib is not None:
@@ -110,7 +124,14 @@ def _load_parity_inputs(calib: CalibrationSpec | None, count: int) -> tuple[np.n
         except ImportError:
             build_holdout_set = None  # type: ignore[assignment]
         if build_holdout_set is not None:
-            faces, summary = build_holdout_set(calib.paths, count=count, seed=calib.seed + 1)
+            faces, summary = build_holdout_set(
+                calib.paths,
+                detector=_face_detector(),
+                count=count,
+                seed=calib.seed + 1,
+                calibration_count=calib.count,
+                calibration_seed=calib.seed,
+            )
             if len(faces):
                 return paired_views(faces), {"source": "held-out faces", **summary}
     faces = synthetic_faces(count)
@@ -202,7 +223,7 @@ def export_bundle(
             from facemoe.export.int8 import quantize_int8
 
             faces, data_summary = build_calibration_set(
-                calib.paths, count=calib.count, seed=calib.seed, degrade=calib.degrade
+                calib.paths, count=calib.count, seed=calib.seed, degrade=calib.degrade, detector=_face_detector()
             )
             cache = None
             if calib.cache_dir is not None:
@@ -227,10 +248,12 @@ def export_bundle(
         start = step("parity: PyTorch fp32 reference vs every artifact on held-out inputs")
         inputs, inputs_summary = _load_parity_inputs(calib, parity_count)
         reference = run_reference(model, inputs)
+        layer_names = [name for name, _ in model.moe_layers()]
+        embeddings: dict[str, np.ndarray] = {}
         for precision in wanted:
-            parity[precision] = check_artifact(
-                model, staging / artifacts[precision].file, precision, inputs, gates.get(precision), reference
-            )
+            outputs = run_artifact(staging / artifacts[precision].file, inputs)
+            embeddings[precision] = outputs[0]
+            parity[precision] = compare(precision, reference, outputs, layer_names, gates.get(precision))
             artifacts[precision].parity = parity[precision].to_json()
         timings["parity"] = time.perf_counter() - start
         bar.advance(task)
@@ -271,7 +294,7 @@ def export_bundle(
                 + "; ".join(f"{name}: {', '.join(r.failures)}" for name, r in failed.items())
                 + f" (no bundle written; full report in {report_path})"
             )
-        _write_parity_plot(staging / "parity.png", reference, {p: staging / artifacts[p].file for p in wanted}, inputs)
+        _write_parity_plot(staging / "parity.png", reference[0], embeddings, parity)
         write_json_atomic(staging / "parity.json", {name: r.to_json() for name, r in parity.items()})
         # The manifest is written last: a bundle without it is never taken for a complete one.
         write_json_atomic(staging / MANIFEST_NAME, manifest.to_json())
@@ -279,29 +302,35 @@ def export_bundle(
 
 
 def _write_parity_plot(
-    path: Path, reference: tuple[np.ndarray, list[np.ndarray]], artifacts: dict[str, Path], inputs: np.ndarray
+    path: Path, reference: np.ndarray, embeddings: dict[str, np.ndarray], parity: dict[str, ParityResult]
 ) -> None:
-    """Scatter of reference vs artifact embedding values, one panel per artifact (needs matplotlib)."""
+    """Reference vs artifact embedding values (one panel per artifact) and per-layer routing agreement."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
+    except ImportError:  # matplotlib comes with the [export] extra; the plot is optional
         return
-    from facemoe.export.parity import run_artifact
-
-    ref = reference[0]
-    fig, axes = plt.subplots(1, len(artifacts), figsize=(4.2 * len(artifacts), 4.2), squeeze=False)
-    for ax, (name, art_path) in zip(axes[0], artifacts.items(), strict=True):
-        got = run_artifact(art_path, inputs)[0]
-        ax.scatter(ref.ravel(), got.ravel(), s=1, alpha=0.3)
-        lim = float(np.abs(ref).max()) * 1.05
+    count = len(embeddings)
+    fig, axes = plt.subplots(1, count + 1, figsize=(4.2 * (count + 1), 4.2), squeeze=False)
+    lim = float(np.abs(reference).max()) * 1.05
+    for ax, (name, got) in zip(axes[0], embeddings.items(), strict=False):
+        ax.scatter(reference.ravel(), got.ravel(), s=1, alpha=0.3)
         ax.plot([-lim, lim], [-lim, lim], color="red", linewidth=0.8)
-        cos = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
-        ax.set_title(f"{name}: cos min {cos.min():.5f}")
+        result = parity[name]
+        ax.set_title(f"{name}: cos min {result.cosine_min:.5f}, mean {result.cosine_mean:.5f}", fontsize=9)
         ax.set_xlabel("PyTorch fp32 reference")
         ax.set_ylabel(f"ONNX {name}")
+    ax = axes[0][count]
+    width = 0.8 / max(count, 1)
+    for i, (name, result) in enumerate(parity.items()):
+        layers = list(result.routing_per_layer)
+        ax.bar(np.arange(len(layers)) + i * width, [result.routing_per_layer[k] for k in layers], width, label=name)
+    ax.set_ylim(0.9, 1.001)
+    ax.set_title("routing agreement per MoE layer", fontsize=9)
+    ax.set_xlabel("MoE layer (forward order)")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
