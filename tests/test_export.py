@@ -94,6 +94,9 @@ def test_tiny_bundle_layout_and_manifest(tiny_bundle):
             f"layers.{s}.blocks.{b}.mlp" for s in range(3) for b in range(2)
         }
     assert manifest["artifacts"]["fp32"]["parity"]["cosine_min"] >= 0.99999
+    # The reference's own sensitivity to sub-quantisation input noise is recorded for context, ungated.
+    floor = manifest["model"]["export"]["parity_noise_floor"]
+    assert floor["gates"] == {} and 0.0 < floor["cosine_mean"] < 1.0
 
 
 def test_fp16_graph_keeps_sensitive_ops_in_fp32(tiny_bundle):

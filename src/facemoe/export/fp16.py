@@ -54,7 +54,18 @@ class Fp16Report:
 
 def _float_tensors(model: onnx.ModelProto) -> set[str]:
     """Names of float32 tensors (graph inputs, initializers, and inferred intermediates)."""
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=False)
+    # Shape inference copies the whole model (twice, through C++); on the 1.86 GB full model that is
+    # several GB for nothing, since it only needs each initializer's type and shape. Infer on a skeleton
+    # whose initializers are graph inputs instead.
+    skeleton = onnx.ModelProto()
+    skeleton.ir_version = model.ir_version
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.graph.node.extend(model.graph.node)
+    skeleton.graph.input.extend(model.graph.input)
+    skeleton.graph.output.extend(model.graph.output)
+    for init in model.graph.initializer:
+        skeleton.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=False)
     floats = set()
     for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
         if value.type.tensor_type.elem_type == TensorProto.FLOAT:
@@ -112,9 +123,15 @@ def _residual_adds(graph: onnx.GraphProto, consumers: dict[str, list[onnx.NodePr
     return residual
 
 
-def convert_to_fp16(model: onnx.ModelProto, keep_residual_fp32: bool = True) -> tuple[onnx.ModelProto, Fp16Report]:
-    """Return a mixed-precision copy of ``model`` (fp32 graph in, fp32 I/O out)."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+def convert_to_fp16(
+    model: onnx.ModelProto, keep_residual_fp32: bool = True, in_place: bool = False
+) -> tuple[onnx.ModelProto, Fp16Report]:
+    """Return a mixed-precision version of ``model`` (fp32 graph in, fp32 I/O out).
+
+    ``in_place`` rewrites ``model`` itself instead of a copy (saves a model's worth of memory).
+    """
+    if not in_place:
+        model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     for i, node in enumerate(graph.node):
         if not node.name:
@@ -243,5 +260,7 @@ def convert_to_fp16(model: onnx.ModelProto, keep_residual_fp32: bool = True) -> 
     del graph.node[:]
     graph.node.extend(new_nodes)
     del graph.value_info[:]
-    onnx.checker.check_model(model)
+    # check_model on a proto over 2 GB would fail to serialise; large models are checked from disk later.
+    if model.ByteSize() < 2**31 - 2**26:
+        onnx.checker.check_model(model)
     return model, report

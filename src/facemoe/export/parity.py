@@ -79,10 +79,13 @@ class ParityResult:
         }
 
 
-def routing_probe(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
-    """Copy of ``model`` whose extra outputs are the indices of every TopK, in graph order."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+def routing_probe(model: onnx.ModelProto, in_place: bool = False) -> tuple[onnx.ModelProto, list[str]]:
+    """``model`` (a copy unless ``in_place``) with the indices of every TopK as extra outputs, in graph order."""
+    if in_place:
+        probe = model
+    else:
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
     names = []
     for node in probe.graph.node:
         if node.op_type == "TopK":
@@ -92,6 +95,7 @@ def routing_probe(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
 
 
 def _session(model: onnx.ModelProto, custom_ops: bool = False):  # type: ignore[no-untyped-def]
+    """An ONNX Runtime CPU session for ``model``; consumes (clears) the proto to bound peak memory."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -100,7 +104,8 @@ def _session(model: onnx.ModelProto, custom_ops: bool = False):  # type: ignore[
         from facemoe.export.gating_ort import register_custom_ops
 
         register_custom_ops(options, required=True)
-    payload = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    payload = model.SerializeToString()
+    model.Clear()  # the caller's proto is not needed once serialised: one model copy fewer at the peak
     return ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
 
 
@@ -109,10 +114,14 @@ def run_artifact(
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Embeddings and per-layer top-k indices (tokens, k) of an ONNX artifact."""
     model = onnx.load(str(onnx_path), load_external_data=True)
-    probe, names = routing_probe(model)
     custom = any(op.domain == "facemoe" for op in model.opset_import)
+    probe, names = routing_probe(model, in_place=True)
     del model
     session = _session(probe, custom_ops=custom)
+    del probe
+    from facemoe.export.onnx_export import release_memory
+
+    release_memory()
     input_name = session.get_inputs()[0].name
     embeddings, routes = [], [[] for _ in names]
     for start in range(0, len(inputs), batch_size):
