@@ -75,3 +75,13 @@ def test_checkpoint_to_bundle_then_parity_and_info(tmp_path, golden):
 def test_info_on_missing_bundle(tmp_path):
     result = _run("facemoe.cli.main", "info", str(tmp_path / "nope"))
     _one_line_error(result, "bundle directory does not exist")
+
+
+def test_engine_without_tensorrt_fails_before_exporting(tmp_path):
+    from facemoe.runtime.engine_identity import import_tensorrt
+
+    if import_tensorrt() is not None:
+        pytest.skip("TensorRT is installed here")
+    result = _export("--random-weights", "--engine", "--out", str(tmp_path / "b"))
+    _one_line_error(result, "TensorRT is not installed")
+    assert not (tmp_path / "b").exists()

@@ -78,6 +78,10 @@ def export(
     no_gate: Annotated[
         bool, typer.Option("--no-gate", help="Write the bundle even when a gate fails (marked in the manifest).")
     ] = False,
+    engine: Annotated[
+        bool,
+        typer.Option("--engine", help="Also build a TensorRT engine on this GPU (fp16, else int8, else fp32)."),
+    ] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
 ) -> None:
@@ -91,6 +95,10 @@ def export(
 
     if gating not in ("onnx", "plugin"):
         raise FaceMoEError(f"--gating {gating}: choose 'onnx' (standard ops) or 'plugin' (facemoe::SparseMoE)")
+    if engine:
+        from facemoe.export.tensorrt import require_tensorrt
+
+        require_tensorrt()  # fail before a long export, not after it
     if int8 and not calib:
         raise FaceMoEError("--int8 needs --calib PATH (folders of aligned face crops, images or videos)")
     if out.exists() and not overwrite:
@@ -135,6 +143,16 @@ def export(
         console=console,
     )
     console.print(f"[green]bundle written:[/] {result.path} ({', '.join(precisions)})")
+    if engine:
+        from facemoe.export.tensorrt import BuildOptions, build_engine
+
+        target = "fp16" if fp16 else "int8" if int8 else "fp32"
+        built = build_engine(
+            result.path,
+            BuildOptions(precision=target, opt_batch=min(8, max_batch), max_batch=max_batch),
+            log=console.print,
+        )
+        console.print(f"[green]engine written:[/] {built}")
 
 
 def main() -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import platform
 import time
 from collections.abc import Sequence
@@ -353,7 +352,3 @@ def _write_parity_plot(
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def read_manifest_json(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())

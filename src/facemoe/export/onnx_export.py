@@ -67,10 +67,6 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def parameter_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
 def trace_to_onnx(
     model: FaceMoE, path: str | Path, opset: int = 17, trace_batch: int = TRACE_BATCH, gating: str = "onnx"
 ) -> None:
