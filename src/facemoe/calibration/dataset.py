@@ -151,6 +151,19 @@ def _degrade_config(degrade: bool | DegradeConfig) -> DegradeConfig | None:
     return DegradeConfig() if degrade else None
 
 
+def _summary(parameters: dict[str, Any], pool: Any, batch: np.ndarray, unique: int, degradation: Any) -> dict[str, Any]:
+    """What a face set was built from and how; ``data_hash`` identifies it for the calibration cache."""
+    return {
+        **parameters,
+        "sources": pool.sources,
+        "available_faces": len(pool.candidates),
+        "unique_faces": unique,
+        "samples": len(batch),
+        "degradation": degradation,
+        "data_hash": _data_hash(parameters, pool),
+    }
+
+
 def build_calibration_set(
     paths: PathLike | Sequence[PathLike],
     count: int = 256,
@@ -198,16 +211,7 @@ def build_calibration_set(
         "input_size": input_size,
         "interpolation": interpolation,
     }
-    summary: dict[str, Any] = {
-        **parameters,
-        "sources": pool.sources,
-        "available_faces": len(pool.candidates),
-        "unique_faces": unique,
-        "samples": len(batch),
-        "degradation": degradation,
-        "data_hash": _data_hash(parameters, pool),
-    }
-    return batch, summary
+    return batch, _summary(parameters, pool, batch, unique, degradation)
 
 
 def build_holdout_set(
@@ -258,16 +262,7 @@ def build_holdout_set(
         "input_size": input_size,
         "interpolation": interpolation,
     }
-    summary: dict[str, Any] = {
-        **parameters,
-        "sources": pool.sources,
-        "available_faces": len(pool.candidates),
-        "unique_faces": unique,
-        "samples": len(batch),
-        "degradation": degradation,
-        "data_hash": _data_hash(parameters, pool),
-    }
-    return batch, summary
+    return batch, _summary(parameters, pool, batch, unique, degradation)
 
 
 __all__ = ["DATASET_FORMAT", "build_calibration_set", "build_holdout_set"]
