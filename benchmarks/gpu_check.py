@@ -7,6 +7,9 @@
    (min/mean), max abs error, per-layer routing agreement; CUDA graphs vs eager; fp32 CUDA as a control.
 2. ``facemoe bench`` rows (the same library call the command makes): torch fp16 static with CUDA graphs on
    and off at batch 1, 8, 64, 256, and the sparse fp32 baseline (official-code-equivalent) at batch 1 and 64.
+3. Precision variants, device time only (CUDA graphs, events, no host copies): the backend's hybrid fp16
+   (fp16 GEMMs in an fp32 network) against the whole network in fp16 and in bf16, with their cosine to the
+   fp32 reference, to show what the hybrid costs in speed and buys in accuracy.
 
 Writes ``gpu_check.json`` (and ``bench.json``) and ``gpu_check.md`` into --out after every step, so a run cut
 short still returns what it measured. Needs torch with CUDA and numpy only (no onnx, OpenCV, typer or rich).
@@ -84,6 +87,7 @@ class Report:
         self.out = out
         self.data: dict[str, Any] = {"steps": {}, "errors": {}}
         self.bench_md = ""
+        self.bench_compiled_md = ""
 
     def save(self) -> None:
         (self.out / "gpu_check.json").write_text(json.dumps(self.data, indent=2) + "\n")
@@ -108,6 +112,29 @@ class Report:
             lines.append(f"\n{parity['inputs']} inputs; CUDA graphs vs eager fp16 max abs: {diff:.3g}")
         if self.bench_md:
             lines += ["", "## Bench", "", self.bench_md]
+        if self.bench_compiled_md:
+            lines += ["", "## Bench, compiled blocks", "", self.bench_compiled_md]
+        variants = self.data["steps"].get("variants")
+        if variants:
+            batches = variants["batches"]
+            lines += ["", "## Precision variants (device time of one CUDA-graph replay, median)", ""]
+            lines += [
+                "| variant | cos min | cos mean | " + " | ".join(f"b{b} ms | b{b} img/s" for b in batches) + " |",
+                "|---|---|---|" + "---|---|" * len(batches),
+            ]
+            lines[-2] = lines[-2].replace("| cos mean |", "| cos mean | routing mean |")
+            lines[-1] += "---|"
+            for name, r in variants["results"].items():
+                cells = " | ".join(
+                    f"{r[f'b{b}_ms']:.3f} | {r[f'b{b}_img_per_s']:.0f}" if f"b{b}_ms" in r else "- | -" for b in batches
+                )
+                routing = f"{r['routing_mean']:.4f}" if "routing_mean" in r else "-"
+                lines.append(f"| {name} | {r['cosine_min']:.6f} | {r['cosine_mean']:.6f} | {routing} | {cells} |")
+            firsts = {
+                n: {k: round(v, 1) for k, v in r.items() if k.endswith("first_call_s")}
+                for n, r in variants["results"].items()
+            }
+            lines += ["", f"First call (compilation, capture warm-up) seconds: `{json.dumps(firsts)}`"]
         for step, err in self.data["errors"].items():
             lines += ["", f"**{step} failed:** `{err.splitlines()[-1] if err else ''}`"]
         (self.out / "gpu_check.md").write_text("\n".join(lines) + "\n")
@@ -172,6 +199,120 @@ def step_bench(model: Any, report: Report, args: argparse.Namespace) -> None:
     report.bench_md = bench.markdown()
 
 
+def graph_time_ms(model: Any, batch: int, size: int, iters: int) -> tuple[float, float]:
+    """(median device ms of one CUDA-graph replay at ``batch``, seconds of the first call: compilation)."""
+    static_in = torch.randn(batch, 3, size, size, device="cuda")
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        model(static_in)
+        torch.cuda.synchronize()
+        first_s = time.perf_counter() - t0
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model(static_in)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            model(static_in)
+        for _ in range(3):
+            graph.replay()
+        times = []
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    del graph
+    return float(np.median(times)), first_s
+
+
+VARIANTS = ("hybrid fp16", "all fp16", "all bf16", "all fp16 compiled", "hybrid fp16 compiled")
+
+
+def make_variant(model: Any, name: str) -> Any:
+    """A CUDA copy of ``model`` in one precision policy; every variant takes and returns fp32."""
+    import copy
+
+    from facemoe.runtime.backends.torch_backend import apply_fp16, apply_full_fp16, compile_blocks
+
+    variant = copy.deepcopy(model).eval().set_routing("static")
+    if name.startswith("hybrid"):
+        apply_fp16(variant)
+    elif "bf16" in name:
+        variant.bfloat16()
+        variant.register_forward_pre_hook(lambda _m, args: tuple(a.bfloat16() for a in args))
+        variant.register_forward_hook(lambda _m, _a, out: out.float())
+    else:
+        apply_full_fp16(variant)
+    variant = variant.cuda()
+    if not name.startswith("hybrid"):  # as TorchBackend does: stacked expert weights, 3 GEMMs per MoE
+        for _, moe in variant.moe_layers():
+            moe.pack_experts()
+    if name.endswith("compiled"):
+        compile_blocks(variant)
+    return variant
+
+
+def step_variants(model: Any, report: Report, args: argparse.Namespace) -> None:
+    size = model.config.img_size
+    inputs = smooth_inputs(args.inputs, size, seed=2024)
+    layers = record_routes(model.set_routing("sparse"))
+    with torch.inference_mode():
+        reference = model(torch.from_numpy(inputs)).numpy()
+    ref_routes = take_routes(layers)
+    model.set_routing("static")
+    rows: dict[str, Any] = {}
+    for name in args.variants:
+        variant = make_variant(model, name)
+        compiled = name.endswith("compiled")
+        layers = [] if compiled else record_routes(variant)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            emb = variant(torch.from_numpy(inputs).cuda()).float().cpu().numpy()
+            first_s = time.perf_counter() - t0
+        row: dict[str, Any] = compare(reference, emb, *((ref_routes, take_routes(layers)) if layers else ()))
+        row[f"b{args.inputs}_first_call_s"] = first_s
+        for batch in args.variant_batch:
+            torch.cuda.reset_peak_memory_stats()
+            ms, first = graph_time_ms(variant, batch, size, args.iterations)
+            row[f"b{batch}_ms"] = ms
+            row[f"b{batch}_img_per_s"] = batch / ms * 1e3
+            row[f"b{batch}_first_call_s"] = first
+            row[f"b{batch}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            print(name, batch, f"{ms:.3f} ms, first call {first:.1f} s", flush=True)
+            report.data["steps"]["variants"] = {"batches": list(args.variant_batch), "results": rows | {name: row}}
+            report.save()
+        rows[name] = row
+        print(name, json.dumps(row), flush=True)
+        del variant
+        torch.cuda.empty_cache()
+        report.data["steps"]["variants"] = {"batches": list(args.variant_batch), "results": rows}
+        report.save()
+
+
+def step_bench_compiled(model: Any, report: Report, args: argparse.Namespace) -> None:
+    config = BenchConfig(
+        backends=("torch",),
+        precisions=("fp16",),
+        batch_sizes=tuple(args.batch),
+        cuda_graphs=(True,),
+        torch_compile=True,
+        torch_half=args.compiled_half,
+        warmup=args.warmup,
+        iterations=args.iterations,
+        device="cuda",
+    )
+    source = BenchSource(f"{args.preset} preset, random weights (seed 0)", model=model)
+    bench = run_bench(config, source, log=lambda m: print(m, flush=True))
+    bench.write_json(report.out / "bench_compiled.json")
+    report.data["steps"]["bench_compiled"] = bench.to_json()
+    report.bench_compiled_md = bench.markdown()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
@@ -181,7 +322,10 @@ def main() -> None:
     parser.add_argument("--sparse-batch", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iterations", type=int, default=20)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["parity", "bench"])
+    parser.add_argument("--variant-batch", type=int, nargs="+", default=[1, 8, 256])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--compiled-half", default="all", choices=["gemm", "all"], help="bench_compiled fp16 mode")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["parity", "bench", "variants", "bench_compiled"])
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     report = Report(args.out)
@@ -204,6 +348,8 @@ def main() -> None:
     for name, step in (
         ("parity", lambda: step_parity(model, report, args.inputs)),
         ("bench", lambda: step_bench(model, report, args)),
+        ("variants", lambda: step_variants(model, report, args)),
+        ("bench_compiled", lambda: step_bench_compiled(model, report, args)),
     ):
         if name in args.skip:
             continue

@@ -49,6 +49,9 @@ class BenchConfig:
     # The sparse baseline is slow at large batches; None: same as batch_sizes.
     sparse_batch_sizes: Sequence[int] | None = None
     cuda_graphs: Sequence[bool] = (True,)
+    # torch rows: TorchInductor per block, and fp16 as GEMMs only ("gemm") or the whole network ("all").
+    torch_compile: bool = False
+    torch_half: str = "gemm"
     warmup: int = 3
     iterations: int = 20
     device: str = "auto"
@@ -65,6 +68,8 @@ class BenchConfig:
         sizes = [*self.batch_sizes, *(self.sparse_batch_sizes or ())]
         if not self.batch_sizes or any(b < 1 for b in sizes):
             raise FaceMoEError(f"batch sizes must be positive, got {list(sizes)}")
+        if self.torch_half not in ("gemm", "all"):
+            raise FaceMoEError(f"torch fp16 mode {self.torch_half!r}: choose gemm or all")
         if self.iterations < 1 or self.warmup < 0:
             raise FaceMoEError("need at least 1 timed iteration and a non-negative warm-up")
 
@@ -344,8 +349,16 @@ def _open(name: str, precision: str, graphs: bool, max_batch: int, source: Bench
             assert source.bundle is not None
             # Loaded once for every torch row; TorchBackend converts a copy.
             source.model = load_model_from_bundle(source.bundle, source.checkpoint)
+        static = routing == "static"
         return TorchBackend(
-            source.model, precision=precision, device=device, max_batch=max_batch, cuda_graphs=graphs, routing=routing
+            source.model,
+            precision=precision,
+            device=device,
+            max_batch=max_batch,
+            cuda_graphs=graphs,
+            routing=routing,
+            compile=config.torch_compile and static,
+            half=config.torch_half,
         )
     if source.bundle is None:
         raise BackendUnavailable(f"{name} runs a bundle and none was given")
@@ -454,9 +467,11 @@ def _measure(
         row.peak_memory_bytes, row.memory_kind = int(stats["peak_device_memory_bytes"]), str(stats.get("kind", ""))
     else:
         row.peak_memory_bytes, row.memory_kind = peak_rss_bytes(), "process peak RSS (whole process, monotonic)"
+    options = [o for o, on in (("compiled", getattr(backend, "compiled", False)),) if on]
+    if getattr(backend, "half", "") == "all":
+        options.append("whole network fp16")
     note = getattr(backend, "cuda_graph_error", None)
-    if note:
-        row.note = str(note)
+    row.note = "; ".join([*options, *([str(note)] if note else [])])
     log(
         f"{name:<11} {precision} {'graphs' if graphs else 'eager '} batch {batch_size:>4}: "
         f"p50 {row.latency_ms['p50']:.2f} ms, {row.throughput_img_s:.1f} img/s"

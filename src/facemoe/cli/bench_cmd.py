@@ -63,6 +63,12 @@ def bench(
         str | None, typer.Option(help="Batch sizes for the sparse fp32 baseline (default: --batch).")
     ] = None,
     cuda_graphs: Annotated[str, typer.Option(help="CUDA graphs for torch/tensorrt rows: on, off or both.")] = "on",
+    compile: Annotated[
+        bool, typer.Option("--compile/--no-compile", help="torch rows: compile each block with TorchInductor.")
+    ] = False,
+    half: Annotated[
+        str, typer.Option(help="torch fp16: gemm (fp16 GEMMs, fp32 network) or all (whole network fp16).")
+    ] = "gemm",
     device: Annotated[str, typer.Option(help="torch device: auto, cuda, cuda:1 or cpu.")] = "auto",
     warmup: Annotated[int, typer.Option(help="Untimed calls before timing.")] = 3,
     iterations: Annotated[int, typer.Option(help="Timed calls per row.")] = 20,
@@ -80,6 +86,8 @@ def bench(
         batch_sizes=_ints(batch, "--batch"),
         sparse_batch_sizes=_ints(sparse_batch, "--sparse-batch") if sparse_batch else None,
         cuda_graphs=_graph_modes(cuda_graphs),
+        torch_compile=compile,
+        torch_half=half,
         warmup=warmup,
         iterations=iterations,
         device=device,

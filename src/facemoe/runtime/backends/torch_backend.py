@@ -11,6 +11,10 @@ weight experts by raw logits, so every rounding in their input can flip a near-t
 
 CUDA graphs remove the per-kernel launch cost that dominates small batches (the model is ~1,100 kernels):
 one graph per batch bucket (1, 2, 4, ... 256), inputs padded up to the bucket, captured on first use.
+
+``compile=True`` runs each Swin block through TorchInductor (regional compilation: the 22 blocks have six
+distinct shapes, so compiled code is shared and the first call costs seconds, not minutes); it fuses the
+LayerNorms, GELUs, casts, rolls and window copies that eager mode runs as separate memory-bound kernels.
 """
 
 from __future__ import annotations
@@ -93,6 +97,35 @@ def apply_fp16(model: FaceMoE) -> FaceMoE:
     return model
 
 
+def apply_full_fp16(model: FaceMoE) -> FaceMoE:
+    """The whole network in fp16 (fp32 in and out); in place. Faster than ``apply_fp16``, see docs/BENCHMARKS.md."""
+    model.half()
+    model.register_forward_pre_hook(_inputs_to_half)
+    model.register_forward_hook(_output_to_float)
+    return model
+
+
+def compile_blocks(model: FaceMoE, *, recompile_limit: int = 64) -> int:
+    """Compile every Swin block in place with TorchInductor; returns how many.
+
+    Identical blocks share one compiled graph per input shape. Shapes are static (``dynamic=False``): every
+    batch bucket gets kernels specialised to its size, as a CUDA graph per bucket wants anyway. The limit of
+    recompilations per code object is raised because each stage's width, shifted/unshifted windows and every
+    bucket are a separate entry, and hitting the default limit silently falls back to eager mode.
+    """
+    torch = _import_torch()
+    from facemoe.model.swin import SwinMoEBlock
+
+    dynamo_config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(int(getattr(dynamo_config, name)), recompile_limit))
+    blocks = [m for m in model.modules() if isinstance(m, SwinMoEBlock)]
+    for block in blocks:
+        block.compile(dynamic=False)
+    return len(blocks)
+
+
 def load_model_from_bundle(bundle: Bundle, checkpoint: str | Path | None = None) -> FaceMoE:
     """Rebuild the bundle's FaceMoE in PyTorch from its source checkpoint (or recorded random-weight seed).
 
@@ -165,6 +198,8 @@ class TorchBackend(Backend):
         cuda_graphs: bool = True,
         routing: str = "static",
         copy_model: bool = True,
+        compile: bool = False,
+        half: str = "gemm",
     ) -> None:
         torch = _import_torch()
         if precision not in ("fp32", "fp16"):
@@ -180,13 +215,23 @@ class TorchBackend(Backend):
             )
         if not is_cuda and precision != "fp32":
             raise BackendUnavailable("fp16 needs a CUDA GPU; on the CPU the torch backend runs fp32")
+        if half not in ("gemm", "all"):
+            raise BackendUnavailable(f"half must be 'gemm' (fp16 GEMMs in an fp32 network) or 'all', not {half!r}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         model = copy.deepcopy(model) if copy_model else model
         model.eval().set_routing(routing)  # type: ignore[arg-type]
         if precision == "fp16":
-            apply_fp16(model)
+            apply_fp16(model) if half == "gemm" else apply_full_fp16(model)
+        self.half = half if precision == "fp16" else ""
         self.model: FaceMoE = model.to(self.torch_device)
+        if routing == "static" and self.half != "gemm":
+            # The hybrid keeps per-expert fp16 hooks, which the packed path would bypass.
+            for _, moe in self.model.moe_layers():
+                moe.pack_experts()
+        if compile and routing == "sparse":
+            raise BackendUnavailable("compile needs static routing (sparse routing has data-dependent shapes)")
+        self.compiled = bool(compile) and compile_blocks(self.model) > 0
         self.precision = precision
         self.routing = routing
         self.device = str(self.torch_device)
@@ -210,6 +255,8 @@ class TorchBackend(Backend):
         cuda_graphs: bool = True,
         routing: str = "static",
         checkpoint: str | Path | None = None,
+        compile: bool = False,
+        half: str = "gemm",
     ) -> TorchBackend:
         torch = _import_torch()
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -225,6 +272,8 @@ class TorchBackend(Backend):
             cuda_graphs=cuda_graphs,
             routing=routing,
             copy_model=False,
+            compile=compile,
+            half=half,
         )
 
     @property
@@ -297,11 +346,23 @@ class TorchBackend(Backend):
 
     def describe(self) -> str:
         graphs = ", CUDA graphs" if self.cuda_graphs else ""
-        return f"torch ({self.precision}, {self.routing} routing, {self.device}, max batch {self.max_batch}{graphs})"
+        compiled = (", whole network fp16" if self.half == "all" else "") + (", compiled" if self.compiled else "")
+        return (
+            f"torch ({self.precision}, {self.routing} routing, {self.device}, max batch {self.max_batch}"
+            f"{graphs}{compiled})"
+        )
 
     def close(self) -> None:
         self._graphs.clear()
         self._pool = None
 
 
-__all__ = ["BUCKETS", "TorchBackend", "apply_fp16", "buckets_for", "load_model_from_bundle"]
+__all__ = [
+    "BUCKETS",
+    "TorchBackend",
+    "apply_fp16",
+    "apply_full_fp16",
+    "buckets_for",
+    "compile_blocks",
+    "load_model_from_bundle",
+]

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Every GPU check of the project in one call (device time is scarce: a lent GPU session has ~15 minutes,
+# machine start included), from the source tree with the device image's own torch/triton/onnx (no install):
+#
+#   1. benchmarks/gpu_check.py      torch CUDA backend: fp16 parity vs the fp32 CPU reference, `facemoe bench`
+#                                   rows (CUDA graphs on/off, sparse fp32 baseline), precision variants
+#   2. benchmarks/moe_kernel_gpu.py Triton sparse-MoE kernels: correctness sweep, per-block and whole-model timing
+#   3. pytest -m gpu                the CUDA tests that CI skips, and the kernel tests on real hardware
+#
+# Each part has its own time limit so the summary and the logs are written before the call's limit.
+# Writes into $OUT (at most 8 files come back from the device): gpu_check.{json,md}, bench.json,
+# moe_kernel.{json,md}, logs.tgz (every log and the environment). Prints both Markdown reports last.
+#
+#   OUT=/tmp/out bash benchmarks/gpu_session.sh          # T_CHECK, T_KERNEL, T_TESTS override the limits (s)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_session_out}"
+mkdir -p "$OUT"
+LOGS="$(mktemp -d)"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
+
+pack_logs() { tar -czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null; }
+trap pack_logs EXIT
+
+{
+  echo "# $(date -u +%FT%TZ) $(uname -m) $("$PY" --version 2>&1) nproc=$(nproc)"
+  nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  "$PY" -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
+} >"$LOGS/environment.txt" 2>&1
+cat "$LOGS/environment.txt"
+
+part() {  # part NAME LIMIT_S COMMAND...: run with a limit, log to $LOGS/NAME.log, one status line
+  local name=$1 limit=$2 t0=$SECONDS rc
+  shift 2
+  timeout "$limit" "$@" >"$LOGS/$name.log" 2>&1
+  rc=$?
+  echo "== $name: rc=$rc in $((SECONDS - t0)) s (limit $limit s)"
+  [ "$rc" -eq 0 ] || tail -n 15 "$LOGS/$name.log"
+}
+
+part gpu_check "${T_CHECK:-270}" "$PY" benchmarks/gpu_check.py --out "$OUT"
+part moe_kernel "${T_KERNEL:-190}" "$PY" benchmarks/moe_kernel_gpu.py --out "$OUT" --iters 10
+part pytest_gpu "${T_TESTS:-70}" "$PY" -m pytest -q -p no:cacheprovider -m "gpu or not slow" \
+  tests/test_moe_kernel.py tests/test_backends.py::test_torch_cuda_fp16_graphs_match_eager \
+  tests/test_model.py::test_cuda_fp16_and_autocast
+grep -E "passed|failed|error" "$LOGS/pytest_gpu.log" | tail -n 3
+
+for report in gpu_check.md moe_kernel.md; do
+  [ -f "$OUT/$report" ] && cat "$OUT/$report"
+done
