@@ -167,3 +167,29 @@ def test_corrupted_artifact_is_detected(tmp_path, tiny_bundle):
     (copy / "manifest.json").write_text("{broken")
     with pytest.raises(BundleError, match="unreadable manifest"):
         Bundle(copy)
+
+
+def test_simplify_with_offloaded_weights_matches_plain_onnxslim(tmp_path, tiny_model):
+    """The memory-saving simplify (weights parked on disk during onnxslim) yields onnxslim's own graph."""
+    onnxslim = pytest.importorskip("onnxslim")
+    from facemoe.export.onnx_export import offload_weights, simplify, trace_to_onnx
+
+    raw = tmp_path / "model.raw.onnx"
+    trace_to_onnx(tiny_model, raw)
+    plain = onnxslim.slim(onnx.load(str(raw)))
+    parked = onnx.load(str(raw))
+    moved = offload_weights(parked, tmp_path / "weights.bin")
+    weight_inputs = {n.input[1] for n in parked.graph.node if n.op_type in ("MatMul", "Gemm", "Conv")}
+    external = {t.name for t in parked.graph.initializer if t.data_location == TensorProto.EXTERNAL}
+    assert moved == (tmp_path / "weights.bin").stat().st_size > 0
+    assert external and external <= weight_inputs  # biases and constants a simplifier may fold stay inline
+
+    slim = simplify(raw, tmp_path / "model.onnx")
+    assert [n.op_type for n in slim.graph.node] == [n.op_type for n in plain.graph.node]
+    assert not any(t.data_location == TensorProto.EXTERNAL for t in slim.graph.initializer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.raw.onnx", "weights.bin"]  # nothing left over
+    batch = np.random.default_rng(4).standard_normal((2, 3, 120, 120)).astype(np.float32)
+    import onnxruntime as ort
+
+    outputs = [ort.InferenceSession(m.SerializeToString()).run(None, {"input": batch})[0] for m in (plain, slim)]
+    np.testing.assert_array_equal(outputs[0], outputs[1])
