@@ -1,4 +1,4 @@
-"""Device check of the PyTorch CUDA backend on the full FaceMoE (random weights), in one run of ~5-8 minutes.
+"""Device check of the PyTorch CUDA backend on the full FaceMoE (random weights): 40 s to ~4 min on an H200.
 
     OUT=/some/dir bash benchmarks/gpu_check.sh        # or: PYTHONPATH=src python benchmarks/gpu_check.py --out DIR
 
@@ -9,10 +9,13 @@
    and off at batch 1, 8, 64, 256, and the sparse fp32 baseline (official-code-equivalent) at batch 1 and 64.
 3. Precision variants, device time only (CUDA graphs, events, no host copies): the backend's hybrid fp16
    (fp16 GEMMs in an fp32 network) against the whole network in fp16 and in bf16, with their cosine to the
-   fp32 reference, to show what the hybrid costs in speed and buys in accuracy.
+   fp32 reference, to show what the hybrid costs in speed and buys in accuracy; "compiled" variants run
+   every Swin block through TorchInductor (~25-30 s of compilation per batch size).
+4. ``facemoe bench --compile --half all`` rows (whole network fp16, compiled blocks, CUDA graphs).
 
-Writes ``gpu_check.json`` (and ``bench.json``) and ``gpu_check.md`` into --out after every step, so a run cut
-short still returns what it measured. Needs torch with CUDA and numpy only (no onnx, OpenCV, typer or rich).
+Writes ``gpu_check.json`` (and ``bench.json``, ``bench_compiled.json``) and ``gpu_check.md`` into --out after
+every step, so a run cut short still returns what it measured. Needs torch with CUDA and numpy only (no onnx,
+OpenCV, typer or rich).
 """
 
 from __future__ import annotations
@@ -323,7 +326,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--variant-batch", type=int, nargs="+", default=[1, 8, 256])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["hybrid fp16", "all fp16", "all fp16 compiled"],  # each compiled one costs ~90 s (3 batch sizes)
+        choices=VARIANTS,
+    )
     parser.add_argument("--compiled-half", default="all", choices=["gemm", "all"], help="bench_compiled fp16 mode")
     parser.add_argument("--skip", nargs="*", default=[], choices=["parity", "bench", "variants", "bench_compiled"])
     args = parser.parse_args()

@@ -5,3 +5,4 @@ from pathlib import Path
 DATA = Path(__file__).parent / "data"
 GOLDEN = DATA / "reference" / "golden_tiny_A.pt"
 STATE_DICT_TSV = DATA / "reference" / "facemoe_swin120_state_dict.tsv"
+CALIB_DIR = DATA / "calib"

@@ -85,3 +85,36 @@ def test_engine_without_tensorrt_fails_before_exporting(tmp_path):
     result = _export("--random-weights", "--engine", "--out", str(tmp_path / "b"))
     _one_line_error(result, "TensorRT is not installed")
     assert not (tmp_path / "b").exists()
+
+
+def test_small_preset_fp32_fp16_int8_end_to_end_with_default_gates(tmp_path):
+    """The issue's CI run: every artifact of the small preset passes the default parity gates."""
+    from paths import CALIB_DIR
+
+    cache = tmp_path / "cache"
+    args = ["--random-weights", "--preset", "small", "--fp16", "--int8", "--calib", str(CALIB_DIR)]
+    args += ["--calib-count", "32", "--calib-cache", str(cache), "--quiet"]
+    result = _export(*args, "--out", str(tmp_path / "b"))
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert sorted(manifest["artifacts"]) == ["fp16", "fp32", "int8"]
+    assert all(a["parity"]["passed"] for a in manifest["artifacts"].values())
+    quantization = manifest["calibration"]["quantization"]
+    assert quantization["calibration"]["cache"] == "miss"
+    assert quantization["options"]["float_blocks"] == 1 and not quantization["options"]["quantize_attention_matmuls"]
+
+    again = _export(*args, "--out", str(tmp_path / "b2"))  # same model, faces and method: ranges from the cache
+    assert again.returncode == 0, again.stderr
+    manifest = json.loads((tmp_path / "b2" / "manifest.json").read_text())
+    assert manifest["calibration"]["quantization"]["calibration"]["cache"] == "hit"
+
+    # Quantizing the first block and the attention matmuls too (faster on the CPU; on this random model it
+    # misses the int8 gate, measured cosine mean 0.978 < 0.98, hence --no-gate): the options reach the graph.
+    fast = _export(*args, "--int8-float-blocks", "0", "--int8-attention", "--no-gate", "--out", str(tmp_path / "b3"))
+    assert fast.returncode == 0, fast.stderr
+    fast_q = json.loads((tmp_path / "b3" / "manifest.json").read_text())["calibration"]["quantization"]
+    assert fast_q["options"]["float_blocks"] == 0 and fast_q["options"]["quantize_attention_matmuls"]
+    assert fast_q["quantized_nodes"] > quantization["quantized_nodes"]
+    assert not any("float_blocks" in why or "activation-activation" in why for why in fast_q["excluded_nodes"].values())
+    bad = _export(*args, "--int8-float-blocks", "-1", "--out", str(tmp_path / "b4"))
+    _one_line_error(bad, "--int8-float-blocks must be >= 0")

@@ -244,7 +244,9 @@ def _cli(args: list[object]) -> list[str]:
 
 def test_ctrl_c_finalises_events_and_video(tmp_path: Path, tiny_bundle: Path) -> None:
     out, video = tmp_path / "events.jsonl", tmp_path / "annotated.mp4"
-    args = ["--video", SAMPLE_VIDEO, "--bundle", tiny_bundle, "--realtime", "--out", out, "--save-video", video, "-q"]
+    # 20 s of real-time video: on a loaded machine the 4 s sample could end on its own before the signal.
+    stream = write_video(tmp_path / "long.avi", read_video(Path(SAMPLE_VIDEO)) * 5, fourcc="MJPG")
+    args = ["--video", stream, "--bundle", tiny_bundle, "--realtime", "--out", out, "--save-video", video, "-q"]
     proc = subprocess.Popen(_cli(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -262,7 +264,7 @@ def test_ctrl_c_finalises_events_and_video(tmp_path: Path, tiny_bundle: Path) ->
     ended = [e for e in events if e["event"] == "track_ended"]
     assert len(ended) == 1 and ended[0]["reason"] == "interrupted"
     frames = read_video(video)
-    assert 0 < len(frames) < 120, "the annotated video is finalised and playable"
+    assert 0 < len(frames) < 600, "the annotated video is finalised and playable"
 
 
 def test_runtime_works_without_torch(tmp_path: Path, tiny_bundle: Path) -> None:

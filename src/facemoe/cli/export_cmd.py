@@ -64,6 +64,12 @@ def export(
     calib_cache: Annotated[
         Path | None, typer.Option(help="Calibration cache directory (default: ~/.cache/facemoe/calibration).")
     ] = None,
+    int8_float_blocks: Annotated[
+        int, typer.Option(help="INT8: transformer blocks kept float, counted from the input (0: none).")
+    ] = 1,
+    int8_attention: Annotated[
+        bool, typer.Option("--int8-attention", help="INT8: quantize the attention q@k and attn@v matmuls too.")
+    ] = False,
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 17).")] = 17,
     max_batch: Annotated[int, typer.Option(help="Largest batch the runtime should plan for.")] = 32,
     gating: Annotated[str, typer.Option(help="'onnx' (standard ops) or 'plugin' (custom facemoe op).")] = "onnx",
@@ -101,6 +107,8 @@ def export(
         require_tensorrt()  # fail before a long export, not after it
     if int8 and not calib:
         raise FaceMoEError("--int8 needs --calib PATH (folders of aligned face crops, images or videos)")
+    if int8_float_blocks < 0:
+        raise FaceMoEError(f"--int8-float-blocks must be >= 0, got {int8_float_blocks}")
     if out.exists() and not overwrite:
         raise FaceMoEError(f"{out}: already exists (pass --overwrite to replace it)")
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -123,7 +131,13 @@ def export(
     if calib:
         cache_dir = calib_cache or Path.home() / ".cache" / "facemoe" / "calibration"
         spec = CalibrationSpec(
-            paths=list(calib), count=calib_count, method=calib_method, seed=calib_seed, cache_dir=cache_dir
+            paths=list(calib),
+            count=calib_count,
+            method=calib_method,
+            seed=calib_seed,
+            cache_dir=cache_dir,
+            float_blocks=int8_float_blocks,
+            quantize_attention_matmuls=int8_attention,
         )
     precisions = ["fp32"] + (["fp16"] if fp16 else []) + (["int8"] if int8 else [])
     result = export_bundle(

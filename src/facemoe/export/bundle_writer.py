@@ -44,6 +44,11 @@ class CalibrationSpec:
     seed: int = 0
     degrade: bool = True
     cache_dir: Path | None = None
+    # INT8 placement: transformer blocks kept float from the input side, and whether the attention
+    # activation-activation matmuls get Q/DQ too (measured on the full preset, 2-core CPU: both on gives
+    # 2.16-2.26x over fp32 at batch 1 instead of 1.92-2.24x; docs/BENCHMARKS.md).
+    float_blocks: int = 1
+    quantize_attention_matmuls: bool = False
 
 
 @dataclass
@@ -242,6 +247,8 @@ def export_bundle(
                 cache=cache,
                 model_hash=model_fingerprint(model),
                 data_hash=data_summary.get("data_hash"),
+                float_blocks=calib.float_blocks,
+                quantize_attention_matmuls=calib.quantize_attention_matmuls,
             )
             artifacts["int8"] = Artifact("int8", path.name, sha256_file(path), opset, [], gating=gating)
             calibration_summary = {**data_summary, "method": calib.method, "quantization": int8_report}
