@@ -247,7 +247,15 @@ def test_ctrl_c_finalises_events_and_video(tmp_path: Path, tiny_bundle: Path) ->
     # 20 s of real-time video: on a loaded machine the 4 s sample could end on its own before the signal.
     stream = write_video(tmp_path / "long.avi", read_video(Path(SAMPLE_VIDEO)) * 5, fourcc="MJPG")
     args = ["--video", stream, "--bundle", tiny_bundle, "--realtime", "--out", out, "--save-video", video, "-q"]
-    proc = subprocess.Popen(_cli(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A test run started in the background by a non-interactive shell inherits SIGINT as ignored, and Python
+    # then (rightly) installs no KeyboardInterrupt handler: give the child the default disposition.
+    proc = subprocess.Popen(
+        _cli(args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if out.exists() and "track_started" in out.read_text():
