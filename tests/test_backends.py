@@ -180,3 +180,9 @@ def test_torch_cuda_compiled_whole_fp16_matches_eager(tiny_model) -> None:
 def test_torch_backend_refuses_unknown_half_mode(tiny_model) -> None:
     with pytest.raises(BackendUnavailable, match="half must be"):
         TorchBackend(tiny_model, precision="fp32", device="cpu", half="bf16")
+    with pytest.raises(BackendUnavailable, match="compile needs static routing"):
+        TorchBackend(tiny_model, precision="fp32", device="cpu", routing="sparse", compile=True)
+    # fp32 and whole-network fp16 run the packed experts; the hybrid keeps its per-expert fp16 hooks.
+    backend = TorchBackend(tiny_model, precision="fp32", device="cpu")
+    assert all(moe._packed is not None for _, moe in backend.model.moe_layers())
+    assert all(moe._packed is None for _, moe in tiny_model.moe_layers()), "the caller's model is untouched"

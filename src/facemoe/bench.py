@@ -467,7 +467,7 @@ def _measure(
         row.peak_memory_bytes, row.memory_kind = int(stats["peak_device_memory_bytes"]), str(stats.get("kind", ""))
     else:
         row.peak_memory_bytes, row.memory_kind = peak_rss_bytes(), "process peak RSS (whole process, monotonic)"
-    options = [o for o, on in (("compiled", getattr(backend, "compiled", False)),) if on]
+    options = ["compiled"] if getattr(backend, "compiled", False) else []
     if getattr(backend, "half", "") == "all":
         options.append("whole network fp16")
     note = getattr(backend, "cuda_graph_error", None)
