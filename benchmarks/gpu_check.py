@@ -184,22 +184,33 @@ def step_parity(model: Any, report: Report, count: int) -> None:
     }
 
 
-def step_bench(model: Any, report: Report, args: argparse.Namespace) -> None:
+def run_bench_step(report: Report, args: argparse.Namespace, step: str, model: Any, **options: Any) -> str:
+    """``facemoe bench`` rows on the GPU (the command's own library call); JSON to ``<step>.json``."""
     config = BenchConfig(
-        backends=("torch", "sparse"),
         precisions=("fp16",),
         batch_sizes=tuple(args.batch),
-        sparse_batch_sizes=tuple(args.sparse_batch),
-        cuda_graphs=(True, False),
         warmup=args.warmup,
         iterations=args.iterations,
         device="cuda",
+        **options,
     )
     source = BenchSource(f"{args.preset} preset, random weights (seed 0)", model=model)
     bench = run_bench(config, source, log=lambda m: print(m, flush=True))
-    bench.write_json(report.out / "bench.json")
-    report.data["steps"]["bench"] = bench.to_json()
-    report.bench_md = bench.markdown()
+    bench.write_json(report.out / f"{step}.json")
+    report.data["steps"][step] = bench.to_json()
+    return bench.markdown()
+
+
+def step_bench(model: Any, report: Report, args: argparse.Namespace) -> None:
+    report.bench_md = run_bench_step(
+        report,
+        args,
+        "bench",
+        model,
+        backends=("torch", "sparse"),
+        sparse_batch_sizes=tuple(args.sparse_batch),
+        cuda_graphs=(True, False),
+    )
 
 
 def graph_time_ms(model: Any, batch: int, size: int, iters: int) -> tuple[float, float]:
@@ -238,25 +249,17 @@ VARIANTS = ("hybrid fp16", "all fp16", "all bf16", "all fp16 compiled", "hybrid 
 
 def make_variant(model: Any, name: str) -> Any:
     """A CUDA copy of ``model`` in one precision policy; every variant takes and returns fp32."""
+    if "bf16" not in name:  # exactly what the torch backend runs (its packing and compilation included)
+        half = "gemm" if name.startswith("hybrid") else "all"
+        compile = name.endswith("compiled")
+        return TorchBackend(model, precision="fp16", half=half, compile=compile, cuda_graphs=False).model
     import copy
 
-    from facemoe.runtime.backends.torch_backend import apply_fp16, apply_full_fp16, compile_blocks
-
-    variant = copy.deepcopy(model).eval().set_routing("static")
-    if name.startswith("hybrid"):
-        apply_fp16(variant)
-    elif "bf16" in name:
-        variant.bfloat16()
-        variant.register_forward_pre_hook(lambda _m, args: tuple(a.bfloat16() for a in args))
-        variant.register_forward_hook(lambda _m, _a, out: out.float())
-    else:
-        apply_full_fp16(variant)
-    variant = variant.cuda()
-    if not name.startswith("hybrid"):  # as TorchBackend does: stacked expert weights, 3 GEMMs per MoE
-        for _, moe in variant.moe_layers():
-            moe.pack_experts()
-    if name.endswith("compiled"):
-        compile_blocks(variant)
+    variant = copy.deepcopy(model).eval().set_routing("static").bfloat16()
+    variant.register_forward_pre_hook(lambda _m, args: tuple(a.bfloat16() for a in args))
+    variant.register_forward_hook(lambda _m, _a, out: out.float())
+    for _, moe in variant.cuda().moe_layers():
+        moe.pack_experts()
     return variant
 
 
@@ -298,22 +301,16 @@ def step_variants(model: Any, report: Report, args: argparse.Namespace) -> None:
 
 
 def step_bench_compiled(model: Any, report: Report, args: argparse.Namespace) -> None:
-    config = BenchConfig(
+    report.bench_compiled_md = run_bench_step(
+        report,
+        args,
+        "bench_compiled",
+        model,
         backends=("torch",),
-        precisions=("fp16",),
-        batch_sizes=tuple(args.batch),
         cuda_graphs=(True,),
         torch_compile=True,
         torch_half=args.compiled_half,
-        warmup=args.warmup,
-        iterations=args.iterations,
-        device="cuda",
     )
-    source = BenchSource(f"{args.preset} preset, random weights (seed 0)", model=model)
-    bench = run_bench(config, source, log=lambda m: print(m, flush=True))
-    bench.write_json(report.out / "bench_compiled.json")
-    report.data["steps"]["bench_compiled"] = bench.to_json()
-    report.bench_compiled_md = bench.markdown()
 
 
 def main() -> None:

@@ -96,19 +96,14 @@ class MoE(nn.Module):
         Call it after the final ``.to()``/``.half()``: any later conversion drops the packing (``_apply``)
         and the module falls back to the per-expert path, so it can never run stale weights.
         """
-        experts = list(self.experts)
+        from facemoe.model.moe_plugin import stacked_weights
+
         with torch.no_grad():
-            w1 = torch.cat([e.fc1.weight for e in experts], dim=0)
-            b1 = torch.cat([e.fc1.bias for e in experts], dim=0)
-            w2 = torch.stack([e.fc2.weight for e in experts])
-            b2 = torch.stack([e.fc2.bias for e in experts])
-            hidden = experts[0].fc1.weight.shape[0]
-            for i, e in enumerate(experts):
-                e.fc1.weight.data = w1[i * hidden : (i + 1) * hidden]
-                e.fc1.bias.data = b1[i * hidden : (i + 1) * hidden]
-                e.fc2.weight.data = w2[i]
-                e.fc2.bias.data = b2[i]
-        self._packed = (w1, b1, w2, b2)
+            _, w1, b1, w2, b2 = stacked_weights(self)  # (N, H, C), (N, H), (N, C, H), (N, C): fresh storage
+            for i, expert in enumerate(self.experts):
+                expert.fc1.weight.data, expert.fc1.bias.data = w1[i], b1[i]
+                expert.fc2.weight.data, expert.fc2.bias.data = w2[i], b2[i]
+        self._packed = (w1.flatten(0, 1), b1.flatten(), w2, b2)
         return self
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
