@@ -29,3 +29,7 @@ class InputError(FaceMoEError):
 
 class EngineMismatchError(FaceMoEError):
     """A TensorRT engine was built for another GPU, TensorRT version or plugin build."""
+
+
+class OutputError(FaceMoEError):
+    """An output path would overwrite an existing file or an input, or cannot be written."""

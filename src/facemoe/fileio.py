@@ -12,6 +12,34 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from facemoe.errors import OutputError
+
+
+def check_output(
+    path: str | os.PathLike[str], *, overwrite: bool, inputs: tuple[str | os.PathLike[str] | None, ...] = ()
+) -> Path:
+    """Refuse an output path that would destroy data: an existing file without ``overwrite``, or an input.
+
+    Every command that writes (export, run, enroll, build-engine) calls this before any work starts, so a
+    refused run has written nothing. ``inputs`` are the paths the command reads (video, bundle, gallery,
+    other outputs of the same run): an output that resolves to one of them is refused even with
+    ``overwrite``. Raises ``FileExistsError`` / ``ValueError`` subclasses of ``OutputError``.
+    """
+    target = Path(path)
+    resolved = target.expanduser().resolve()
+    for source in inputs:
+        if source is None or str(source).startswith(("rtsp://", "rtmp://", "http://", "https://")):
+            continue
+        if Path(source).expanduser().resolve() == resolved:
+            raise OutputError(f"{target}: output is the same file as the input {source}; choose another path")
+    if target.is_dir():
+        raise OutputError(f"{target}: is a directory, expected a file path")
+    if target.exists() and not overwrite:
+        raise OutputError(f"{target}: already exists (pass --overwrite to replace it)")
+    if not target.parent.exists():
+        raise OutputError(f"{target}: directory {target.parent} does not exist")
+    return target
+
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()

@@ -19,6 +19,10 @@ console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 out = Console(width=None if sys.stdout.isatty() else 160)
 F = TypeVar("F", bound=Callable[..., Any])
 
+# One overwrite convention for every command that writes (export, run, enroll, build-engine): existing
+# outputs are kept unless this flag is given (facemoe.fileio.check_output).
+OverwriteOption = typer.Option(False, "--overwrite", help="Replace existing output files.")
+
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
