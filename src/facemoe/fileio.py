@@ -23,7 +23,7 @@ def check_output(
     Every command that writes (export, run, enroll, build-engine) calls this before any work starts, so a
     refused run has written nothing. ``inputs`` are the paths the command reads (video, bundle, gallery,
     other outputs of the same run): an output that resolves to one of them is refused even with
-    ``overwrite``. Raises ``FileExistsError`` / ``ValueError`` subclasses of ``OutputError``.
+    ``overwrite``. Raises ``OutputError`` (a one-line user error).
     """
     target = Path(path)
     resolved = target.expanduser().resolve()
