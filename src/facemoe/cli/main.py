@@ -31,14 +31,17 @@ def download(
 def parity(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
     checkpoint: Annotated[Path | None, typer.Option(help="Reference checkpoint (default: the manifest's).")] = None,
-    count: Annotated[int, typer.Option(help="Number of held-out inputs.")] = 32,
+    count: Annotated[
+        int, typer.Option(help="Synthetic held-out faces, for bundles that do not store the export's inputs.")
+    ] = 32,
 ) -> None:
     """Re-check every artifact of a bundle against the PyTorch fp32 reference; exit 1 on a missed gate."""
     from facemoe.bundle import Bundle
     from facemoe.errors import FaceMoEError
-    from facemoe.export.bundle_writer import parity_table
-    from facemoe.export.inputs import paired_views, synthetic_faces
-    from facemoe.export.parity import check_artifact, run_reference
+    from facemoe.export.bundle_writer import NOISE_FLOOR_CAPTION, NOISE_FLOOR_ROW, parity_table
+    from facemoe.export.inputs import PARITY_INPUTS_NAME, load_parity_inputs, paired_views, synthetic_faces
+    from facemoe.export.parity import DEFAULT_GATES, check_artifacts, noise_floor, run_reference
+    from facemoe.fileio import sha256_file
     from facemoe.model import load_checkpoint
     from facemoe.model.random_weights import randomize
 
@@ -56,15 +59,26 @@ def parity(
         model = load_checkpoint(src["path"], config=cfg, k=model_info["k"])
     else:
         raise FaceMoEError(f"{bundle}: the reference checkpoint is not available here; pass --checkpoint")
-    inputs = paired_views(synthetic_faces(count, size=cfg["img_size"], seed=777))
+    stored = Path(bundle) / PARITY_INPUTS_NAME
+    recorded = loaded.manifest.model.get("export", {}).get("parity_inputs", {})
+    if stored.is_file():
+        if recorded.get("sha256") and sha256_file(stored) != recorded["sha256"]:
+            raise FaceMoEError(f"{stored}: sha256 differs from the manifest's; the bundle was modified")
+        inputs, source = load_parity_inputs(stored)
+        console.print(f"inputs: the {len(inputs) // 2} held-out faces the export was judged on ({source})")
+    else:
+        # Bundles from before the inputs were stored: the export's synthetic recipe, said as such.
+        inputs = paired_views(synthetic_faces(count, size=cfg["img_size"]))
+        console.print(f"[yellow]{bundle}: no {PARITY_INPUTS_NAME}; using {count} synthetic faces, not the export's[/]")
     reference = run_reference(model, inputs)
-    results = {}
-    for precision in loaded.precisions:
-        path = loaded.artifact_path(precision, verify=True)
-        results[precision] = check_artifact(
-            model, path, precision, inputs, loaded.artifact(precision).parity.get("gates"), reference
-        )
-    out.print(parity_table(results))
+    layer_names = [name for name, _ in model.moe_layers()]
+    paths = {precision: loaded.artifact_path(precision, verify=True) for precision in loaded.precisions}
+    gates = {
+        precision: loaded.artifact(precision).parity.get("gates") or DEFAULT_GATES[precision] for precision in paths
+    }
+    results, _ = check_artifacts(reference, paths, inputs, layer_names, gates)
+    out.print(parity_table({**results, NOISE_FLOOR_ROW: noise_floor(model, inputs, reference, layer_names)}))
+    console.print(NOISE_FLOOR_CAPTION, style="dim")
     if not all(r.passed for r in results.values()):
         raise typer.Exit(1)
 

@@ -75,6 +75,7 @@ from facemoe.calibration.cache import CalibrationCache
 from facemoe.calibration.cache import model_hash as onnx_file_hash
 from facemoe.errors import ExportError, InputError
 from facemoe.fileio import atomic_path, sha256_file
+from facemoe.runtime.ort_session import create_session, uses_custom_ops
 
 CalibrationMethod = Literal["max", "percentile", "entropy"]
 CALIBRATION_METHODS: tuple[str, ...] = ("max", "percentile", "entropy")
@@ -380,22 +381,14 @@ def _entropy_amax(hist: np.ndarray, edge: float, levels: int = 128) -> float:
 
 
 def _uses_custom_ops(model: onnx.ModelProto) -> bool:
-    return any(node.domain == _CUSTOM_DOMAIN for node in model.graph.node)
+    return uses_custom_ops(model)
 
 
-def _session(path: str | Path, custom_ops: bool | None = None) -> Any:
-    """CPU session; graphs exported with ``gating="plugin"`` get the ``facemoe::SparseMoE`` kernel."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if custom_ops is None:
-        custom_ops = _uses_custom_ops(onnx.load(str(path), load_external_data=False))
-    if custom_ops:
-        from facemoe.export.gating_ort import register_custom_ops
-
-        register_custom_ops(options, required=True)
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+def _session(path: str | Path, custom_ops: bool | None = None, int8_encoding: str = "auto") -> Any:
+    """CPU session (``facemoe.runtime.ort_session``): the int8 encoding this processor computes exactly."""
+    return create_session(
+        path, providers=["CPUExecutionProvider"], custom_ops=custom_ops, int8_encoding=int8_encoding
+    ).session
 
 
 def _save_model(model: onnx.ModelProto, path: Path) -> None:
@@ -612,8 +605,11 @@ def describe_qdq(model: onnx.ModelProto) -> dict[str, Any]:
     return report
 
 
-def run_quantized(path: str | Path, batch: np.ndarray, custom_ops: bool | None = None) -> np.ndarray:
-    session = _session(path, custom_ops)
+def run_quantized(
+    path: str | Path, batch: np.ndarray, custom_ops: bool | None = None, int8_encoding: str = "auto"
+) -> np.ndarray:
+    """Run a (quantized) graph on the CPU; ``int8_encoding`` as in ``facemoe.runtime.ort_session``."""
+    session = _session(path, custom_ops, int8_encoding)
     return session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
 
 

@@ -25,6 +25,7 @@ from facemoe.model.moe_plugin import DOMAIN as GATING_DOMAIN
 from facemoe.model.moe_plugin import OP_VERSION as GATING_OP_VERSION
 from facemoe.model.moe_plugin import check_plugin_export
 from facemoe.model.swin import FaceMoE
+from facemoe.runtime.ort_session import create_session
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "embedding"
@@ -179,15 +180,7 @@ def save_onnx(model: onnx.ModelProto, path: str | Path) -> list[str]:
 
 
 def onnx_session(path: str | Path, providers: list[str] | None = None, custom_ops: bool = False):  # type: ignore[no-untyped-def]
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if custom_ops:  # graphs exported with gating="plugin"
-        from facemoe.export.gating_ort import register_custom_ops
-
-        register_custom_ops(options, required=True)
-    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+    return create_session(path, providers=providers or ["CPUExecutionProvider"], custom_ops=custom_ops).session
 
 
 def run_onnx(

@@ -24,6 +24,8 @@ import onnx
 import torch
 
 from facemoe.model.swin import FaceMoE
+from facemoe.runtime.int8_cpu import CpuIsa, choose_encoding, detect_cpu
+from facemoe.runtime.ort_session import Optimization, OrtSession, create_session
 
 # The cosine gates apply to the mean over held-out faces; the min gets a looser floor. Measured on
 # random-weight models: with routing unchanged, fp16 embeddings keep cosine >= 0.99999, but a token whose
@@ -54,6 +56,12 @@ class ParityResult:
     gates: dict[str, float] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     failures_note: str = ""
+    # Where the figures were computed: CPU ISA, ONNX Runtime version and optimisation level, int8 encoding.
+    measured_with: dict[str, str] = field(default_factory=dict)
+    # int8 only: the graph's own arithmetic per weight encoding (optimisations off), independent of this CPU.
+    graph_level: dict[str, ParityResult] = field(default_factory=dict)
+    # int8 only: which encoding each kind of processor serves (facemoe.runtime.int8_cpu).
+    cpu_encodings: dict[str, str] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -76,6 +84,9 @@ class ParityResult:
             "gates": self.gates,
             "failures": self.failures,
             "note": self.failures_note,
+            "measured_with": self.measured_with,
+            **({"graph_level": {k: v.to_json() for k, v in self.graph_level.items()}} if self.graph_level else {}),
+            **({"cpu_encodings": self.cpu_encodings} if self.cpu_encodings else {}),
         }
 
 
@@ -94,42 +105,36 @@ def routing_probe(model: onnx.ModelProto, in_place: bool = False) -> tuple[onnx.
     return probe, names
 
 
-def _session(model: onnx.ModelProto, custom_ops: bool = False):  # type: ignore[no-untyped-def]
-    """An ONNX Runtime CPU session for ``model``; consumes (clears) the proto to bound peak memory."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if custom_ops:
-        from facemoe.export.gating_ort import register_custom_ops
-
-        register_custom_ops(options, required=True)
-    payload = model.SerializeToString()
-    model.Clear()  # the caller's proto is not needed once serialised: one model copy fewer at the peak
-    return ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
-
-
 def run_artifact(
-    onnx_path: str | Path, inputs: np.ndarray, batch_size: int = 16
-) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Embeddings and per-layer top-k indices (tokens, k) of an ONNX artifact."""
+    onnx_path: str | Path,
+    inputs: np.ndarray,
+    batch_size: int = 16,
+    *,
+    optimization: Optimization = "all",
+    int8_encoding: str = "auto",
+) -> tuple[np.ndarray, list[np.ndarray], OrtSession]:
+    """Embeddings and per-layer top-k indices (tokens, k) of an ONNX artifact, and the session's settings.
+
+    ``optimization="disabled"`` gives the graph's own arithmetic (what TensorRT computes from a Q/DQ
+    graph); ``"all"`` gives the fused kernels this processor serves (facemoe.runtime.int8_cpu).
+    """
     model = onnx.load(str(onnx_path), load_external_data=True)
-    custom = any(op.domain == "facemoe" for op in model.opset_import)
     probe, names = routing_probe(model, in_place=True)
     del model
-    session = _session(probe, custom_ops=custom)
+    session = create_session(
+        probe, providers=["CPUExecutionProvider"], optimization=optimization, int8_encoding=int8_encoding
+    )
     del probe
     from facemoe.export.onnx_export import release_memory
 
     release_memory()
-    input_name = session.get_inputs()[0].name
     embeddings, routes = [], [[] for _ in names]
     for start in range(0, len(inputs), batch_size):
-        outputs = session.run(None, {input_name: inputs[start : start + batch_size]})
+        outputs = session.run(inputs[start : start + batch_size])
         embeddings.append(outputs[0])
         for i, idx in enumerate(outputs[1:]):
             routes[i].append(idx.reshape(-1, idx.shape[-1]))
-    return np.concatenate(embeddings), [np.concatenate(r) for r in routes]
+    return np.concatenate(embeddings), [np.concatenate(r) for r in routes], session
 
 
 @torch.no_grad()
@@ -249,6 +254,83 @@ def check_artifact(
     gates: dict[str, float] | None = None,
     reference: tuple[np.ndarray, list[np.ndarray]] | None = None,
 ) -> ParityResult:
+    """Parity of one artifact (``check_artifacts`` for one path)."""
     reference = reference if reference is not None else run_reference(model, inputs)
     names = [name for name, _ in model.moe_layers()]
-    return compare(precision, reference, run_artifact(onnx_path, inputs), names, gates)
+    all_gates = {precision: gates} if gates is not None else dict(DEFAULT_GATES)
+    return check_artifacts(reference, {precision: Path(onnx_path)}, inputs, names, all_gates)[0][precision]
+
+
+def _measured_with(session: OrtSession, isa: CpuIsa) -> dict[str, str]:
+    import onnxruntime
+
+    info = {
+        "cpu": isa.label,
+        "onnxruntime": onnxruntime.__version__,
+        "provider": session.provider,
+        "graph_optimization": session.optimization,
+    }
+    if session.int8_encoding:
+        info["int8_encoding"] = session.int8_encoding
+    return info
+
+
+def check_artifacts(
+    reference: tuple[np.ndarray, list[np.ndarray]],
+    artifacts: dict[str, Path],
+    inputs: np.ndarray,
+    layer_names: list[str],
+    gates: dict[str, dict[str, float]],
+) -> tuple[dict[str, ParityResult], dict[str, np.ndarray]]:
+    """Parity of every artifact, the one procedure behind the export's gates and ``facemoe parity``.
+
+    Each artifact is run as this machine serves it (ONNX Runtime CPU, all graph optimisations). An int8
+    artifact is also run at graph level (optimisations off) in both weight encodings: ``s8`` is what
+    TensorRT and VNNI CPUs compute, ``w7`` what the fast kernels of x86 CPUs without VNNI compute
+    (docs/EXPORT.md, "INT8 on CPUs without VNNI"). Its verdict needs the served result and the ``s8``
+    graph to pass; a failed ``w7`` only makes such CPUs serve the exact (slower) ``u8`` encoding.
+    Returns the results and the served embeddings.
+    """
+    isa = detect_cpu()
+    results: dict[str, ParityResult] = {}
+    embeddings: dict[str, np.ndarray] = {}
+    for precision, path in artifacts.items():
+        precision_gates = gates.get(precision)
+        graph_level: dict[str, ParityResult] = {}
+        encoding = "auto"
+        if precision == "int8":
+            for graph_encoding in ("s8", "w7"):
+                *outputs, session = run_artifact(path, inputs, optimization="disabled", int8_encoding=graph_encoding)
+                graph = compare(precision, reference, outputs, layer_names, precision_gates)  # type: ignore[arg-type]
+                graph.measured_with = _measured_with(session, isa)
+                graph_level[graph_encoding] = graph
+            encoding = choose_encoding(isa, fast_encoding_passed=graph_level["w7"].passed)
+        *outputs, session = run_artifact(path, inputs, int8_encoding=encoding)
+        result = compare(precision, reference, outputs, layer_names, precision_gates)  # type: ignore[arg-type]
+        result.measured_with = _measured_with(session, isa)
+        if graph_level:
+            result.graph_level = graph_level
+            result.cpu_encodings = {
+                "x86 with VNNI, Arm, TensorRT": "s8",
+                "x86 without VNNI": "w7" if graph_level["w7"].passed else "u8",
+            }
+            result.failures += [f"TensorRT graph (s8): {failure}" for failure in graph_level["s8"].failures]
+        results[precision] = result
+        embeddings[precision] = outputs[0]
+    return results, embeddings
+
+
+def noise_floor(
+    model: FaceMoE,
+    inputs: np.ndarray,
+    reference: tuple[np.ndarray, list[np.ndarray]],
+    layer_names: list[str],
+    seed: int = 7,
+) -> ParityResult:
+    """The reference against itself with every input moved by up to ±0.5 grey level (below 8-bit rounding).
+
+    How far the model itself moves under imperceptible noise: an artifact cannot be expected to agree with
+    the reference much better than this. It has no gates; tables show it as "context".
+    """
+    jitter = np.random.default_rng(seed).uniform(-1.0, 1.0, inputs.shape).astype(np.float32) / 255.0
+    return compare("fp32, inputs ±0.5 grey level", reference, run_reference(model, inputs + jitter), layer_names, {})

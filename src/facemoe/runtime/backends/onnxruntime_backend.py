@@ -8,30 +8,16 @@ import numpy as np
 
 from facemoe.bundle import Bundle
 from facemoe.runtime.backends.base import Backend, BackendUnavailable
-
-# Preference order; the CPU provider is always last and always present.
-_PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-
-
-def _session_options(threads: int | None):  # type: ignore[no-untyped-def]
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        options.intra_op_num_threads = threads
-    return options
+from facemoe.runtime.int8_cpu import choose_encoding
+from facemoe.runtime.ort_session import create_session
 
 
-def load_custom_ops(options) -> None:  # type: ignore[no-untyped-def]
-    """Register FaceMoE's custom-op implementation (only ``--gating plugin`` graphs need it).
-
-    Called only for such graphs: onnxruntime-extensions imports torch when it is installed, which a
-    standard-op runtime must not pay for.
-    """
-    from facemoe.export.gating_ort import register_custom_ops
-
-    register_custom_ops(options, required=True)
+def bundle_int8_encoding(bundle: Bundle, precision: str) -> str:
+    """The int8 CPU encoding for this processor, from what the export's parity report passed."""
+    if precision != "int8":
+        return "auto"
+    w7 = bundle.artifact(precision).parity.get("graph_level", {}).get("w7", {})
+    return choose_encoding(fast_encoding_passed=bool(w7.get("passed")))
 
 
 class OnnxRuntimeBackend(Backend):
@@ -46,20 +32,16 @@ class OnnxRuntimeBackend(Backend):
         threads: int | None = None,
         input_name: str | None = None,
         custom_ops: bool = False,
+        int8_encoding: str = "auto",
     ) -> None:
         try:
-            import onnxruntime as ort
-        except ImportError as exc:  # pragma: no cover - onnxruntime is a core dependency
-            raise BackendUnavailable("onnxruntime is not installed") from exc
-        available = ort.get_available_providers()
-        chosen = providers or [p for p in _PROVIDER_ORDER if p in available]
-        options = _session_options(threads)
-        if custom_ops:
-            load_custom_ops(options)
-        try:
-            self.session = ort.InferenceSession(str(model_path), sess_options=options, providers=chosen)
+            loaded = create_session(
+                model_path, providers=providers, threads=threads, custom_ops=custom_ops, int8_encoding=int8_encoding
+            )
         except Exception as exc:
             raise BackendUnavailable(f"{model_path}: ONNX Runtime cannot load the model: {exc}") from exc
+        self.session = loaded.session
+        self.int8_encoding = loaded.int8_encoding
         self.precision = precision
         self.max_batch = max_batch
         self.input_name = input_name or self.session.get_inputs()[0].name
@@ -81,7 +63,16 @@ class OnnxRuntimeBackend(Backend):
     ) -> OnnxRuntimeBackend:
         path = bundle.artifact_path(precision, verify=True)
         custom = bundle.artifact(precision).gating == "plugin"
-        return cls(path, precision, providers, max_batch, threads, bundle.manifest.input_name, custom_ops=custom)
+        return cls(
+            path,
+            precision,
+            providers,
+            max_batch,
+            threads,
+            bundle.manifest.input_name,
+            custom_ops=custom,
+            int8_encoding=bundle_int8_encoding(bundle, precision),
+        )
 
     @property
     def embedding_size(self) -> int:
@@ -95,4 +86,5 @@ class OnnxRuntimeBackend(Backend):
         return self.session.run([self.output_name], {self.input_name: batch})[0]
 
     def describe(self) -> str:
-        return f"onnxruntime ({self.precision}, {self.provider}, max batch {self.max_batch})"
+        encoding = f", int8 weights {self.int8_encoding}" if self.int8_encoding else ""
+        return f"onnxruntime ({self.precision}{encoding}, {self.provider}, max batch {self.max_batch})"
