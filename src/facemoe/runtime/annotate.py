@@ -86,6 +86,17 @@ def draw_tracks(frame: np.ndarray, tracks: list[Track], frame_index: int) -> np.
     return draw_marks(frame, marks)
 
 
+def _letterbox(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    width, height = size
+    ratio = min(width / frame.shape[1], height / frame.shape[0])
+    fitted = (max(1, round(frame.shape[1] * ratio)), max(1, round(frame.shape[0] * ratio)))
+    resized = cv2.resize(frame, fitted, interpolation=cv2.INTER_AREA if ratio < 1 else cv2.INTER_LINEAR)
+    out = np.zeros((height, width, 3), dtype=np.uint8)
+    x, y = (width - fitted[0]) // 2, (height - fitted[1]) // 2
+    out[y : y + fitted[1], x : x + fitted[0]] = resized
+    return out
+
+
 class VideoAnnotator:
     """Writes annotated frames to ``path`` (.mp4 / .avi / .mkv)."""
 
@@ -110,8 +121,9 @@ class VideoAnnotator:
 
     def write(self, frame: np.ndarray) -> None:
         if (frame.shape[1], frame.shape[0]) != self.size:
-            # A stream that changed resolution mid-way (reconnect): the container needs one size.
-            frame = cv2.resize(frame, self.size, interpolation=cv2.INTER_AREA)
+            # A stream that changed resolution (reconnect), or photos of several sizes: the container needs
+            # one size, so the frame is fitted into it with its aspect ratio kept (black borders).
+            frame = _letterbox(frame, self.size)
         self.writer.write(frame)
         self.frames += 1
 

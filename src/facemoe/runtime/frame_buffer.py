@@ -9,7 +9,7 @@ in frame *k* is the decision made from its latest embedded face at or before *k*
 
 Memory is bounded by ``max_bytes`` of held frame pixels (default 256 MiB, ``PipelineConfig``): when the
 buffer reaches it, the pipeline embeds the queued faces at once (a smaller batch) and releases every frame,
-so at most ``max_bytes`` plus one frame is held, and at least two frames (see docs/EVENTS.md).
+so at most ``max_bytes`` plus one frame is held (docs/EVENTS.md, "The annotated video").
 """
 
 from __future__ import annotations

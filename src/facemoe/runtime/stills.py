@@ -39,7 +39,7 @@ class StillFace:
     def mark(self, number: int) -> FaceMark:
         det = self.detection
         identity = self.identity if self.embedded and self.similarity is not None else None
-        return FaceMark(det.box, det.landmarks, number + 1, f"{number + 1}", identity, self.similarity)
+        return FaceMark(det.box, det.landmarks, number + 1, str(number), identity, self.similarity)
 
 
 def recognise_still(

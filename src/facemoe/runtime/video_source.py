@@ -178,7 +178,9 @@ class VideoSource:
         fps = f"{self.fps:.2f} fps" if self.fps else "unknown fps"
         count = f", {self.frame_count} frames" if self.frame_count and self.kind == "file" else ""
         live = ", live" if self.live else ""
-        if self._images is not None and self._images.folder:
+        if self._images is not None:
+            if not self._images.folder:
+                return f"image {self.spec} ({size})"
             return f"images {self.spec} ({self.frame_count} images, the first {size})"
         return f"{self.kind} {self.spec} ({size}, {fps}{count}{live})"
 
