@@ -104,7 +104,8 @@ def test_folder_of_images(tmp_path: Path, tiny_bundle: Path) -> None:
     (folder / "sub").mkdir()
     assert [p.name for p in list_images(folder)[0]] == ["img2.png", "img3.png", "img4.jpg", "img10.jpg"]
 
-    events, stderr = _run(["--video", folder, "--bundle", tiny_bundle], tmp_path / "e.jsonl")
+    video = tmp_path / "annotated.avi"
+    events, stderr = _run(["--video", folder, "--bundle", tiny_bundle, "--save-video", video], tmp_path / "e.jsonl")
     assert "1 file that is not an image" in stderr and "img4.jpg: cannot be decoded" in stderr
     assert events[0]["kind"] == "images" and events[0]["frame_count"] == 4
     images = [e for e in events if e["event"] == "image"]
@@ -117,6 +118,11 @@ def test_folder_of_images(tmp_path: Path, tiny_bundle: Path) -> None:
         assert face["identity"] == "unknown" and face["similarity"] is None and face["embedded"]
     summary = events[-1]
     assert summary["frames"] == 3 and summary["corrupt_frames"] == 1 and summary["faces"] == 7
+    # One frame per image, in the first image's size (192 x 192): the wide group photo keeps its aspect.
+    written = read_video(video)
+    assert len(written) == 3 and all(f.shape == (192, 192, 3) for f in written)
+    bar = (192 - round(260 * 192 / 420)) // 2
+    assert written[2][: bar - 2].max() < 30 and written[2][bar + 2 : 192 - bar - 2].mean() > 60
 
 
 def test_one_frame_video_is_reported_like_a_photo(tmp_path: Path, tiny_bundle: Path, gallery_file: Path) -> None:
