@@ -7,6 +7,7 @@ file that looks complete but has no index (an MP4 without its ``moov`` atom does
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -26,28 +27,73 @@ def _colour(track_id: int) -> tuple[int, int, int]:
     return int(bgr[0]), int(bgr[1]), int(bgr[2])
 
 
-def draw_tracks(frame: np.ndarray, tracks: list[Track], frame_index: int) -> np.ndarray:
-    """Draw the tracks seen in this frame onto a copy of ``frame``."""
+@dataclass
+class FaceMark:
+    """One face to draw: where it was in its frame, its colour key and tag, and its label once known."""
+
+    box: np.ndarray
+    landmarks: np.ndarray
+    key: int  # colour: the track id, or the face number in a still image
+    tag: str  # "#3" for track 3
+    identity: str | None = None  # None: not decided (nothing after the tag)
+    similarity: float | None = None
+    track: Track | None = None  # when set, the label is looked up in the track's decisions at draw time
+
+
+def track_marks(tracks: list[Track], frame_index: int) -> list[FaceMark]:
+    """Marks for the confirmed tracks seen in this frame, their boxes copied as they are now."""
+    return [
+        FaceMark(t.box.copy(), np.array(t.landmarks, copy=True), t.track_id, f"#{t.track_id}", track=t)
+        for t in tracks
+        if t.last_frame == frame_index and t.track_id is not None
+    ]
+
+
+def label_text(mark: FaceMark) -> str:
+    if mark.identity is None:
+        return mark.tag
+    if mark.identity == UNKNOWN or mark.similarity is None:
+        return f"{mark.tag} {mark.identity}"
+    return f"{mark.tag} {mark.identity} {mark.similarity:.2f}"
+
+
+def draw_marks(frame: np.ndarray, marks: list[FaceMark]) -> np.ndarray:
+    """Draw ``marks`` onto a copy of ``frame``: box, landmarks, and a filled label above the box."""
     out = frame.copy()
     height = out.shape[0]
     scale = max(0.3, min(1.2, height / 720))
     thickness = max(1, round(height / 360))
-    for track in tracks:
-        if track.last_frame != frame_index or track.track_id is None:
-            continue
-        colour = _colour(track.track_id)
-        x1, y1, x2, y2 = (round(float(v)) for v in track.box)
+    for mark in marks:
+        colour = _colour(mark.key)
+        x1, y1, x2, y2 = (round(float(v)) for v in mark.box)
         cv2.rectangle(out, (x1, y1), (x2, y2), colour, thickness)
-        for x, y in np.asarray(track.landmarks).reshape(5, 2):
+        for x, y in np.asarray(mark.landmarks).reshape(5, 2):
             cv2.circle(out, (round(float(x)), round(float(y))), thickness, (0, 255, 0), -1)
-        name = track.identity or ""
-        label = f"#{track.track_id}"
-        if name:
-            label += f" {name}" if name == UNKNOWN else f" {name} {track.similarity:.2f}"
+        label = label_text(mark)
         (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
         top = max(0, y1 - th - base - 2)
         cv2.rectangle(out, (x1, top), (x1 + tw + 2, top + th + base + 2), colour, -1)
         cv2.putText(out, label, (x1 + 1, top + th + 1), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    return out
+
+
+def draw_tracks(frame: np.ndarray, tracks: list[Track], frame_index: int) -> np.ndarray:
+    """Draw the tracks seen in this frame, labelled with their current identity, onto a copy of ``frame``."""
+    marks = track_marks(tracks, frame_index)
+    for mark in marks:
+        assert mark.track is not None
+        mark.identity, mark.similarity, mark.track = mark.track.identity, mark.track.similarity, None
+    return draw_marks(frame, marks)
+
+
+def _letterbox(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    width, height = size
+    ratio = min(width / frame.shape[1], height / frame.shape[0])
+    fitted = (max(1, round(frame.shape[1] * ratio)), max(1, round(frame.shape[0] * ratio)))
+    resized = cv2.resize(frame, fitted, interpolation=cv2.INTER_AREA if ratio < 1 else cv2.INTER_LINEAR)
+    out = np.zeros((height, width, 3), dtype=np.uint8)
+    x, y = (width - fitted[0]) // 2, (height - fitted[1]) // 2
+    out[y : y + fitted[1], x : x + fitted[0]] = resized
     return out
 
 
@@ -75,8 +121,9 @@ class VideoAnnotator:
 
     def write(self, frame: np.ndarray) -> None:
         if (frame.shape[1], frame.shape[0]) != self.size:
-            # A stream that changed resolution mid-way (reconnect): the container needs one size.
-            frame = cv2.resize(frame, self.size, interpolation=cv2.INTER_AREA)
+            # A stream that changed resolution (reconnect), or photos of several sizes: the container needs
+            # one size, so the frame is fitted into it with its aspect ratio kept (black borders).
+            frame = _letterbox(frame, self.size)
         self.writer.write(frame)
         self.frames += 1
 
@@ -92,4 +139,4 @@ class VideoAnnotator:
         return None
 
 
-__all__ = ["VideoAnnotator", "draw_tracks"]
+__all__ = ["FaceMark", "VideoAnnotator", "draw_marks", "draw_tracks", "label_text", "track_marks"]

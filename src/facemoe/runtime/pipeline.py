@@ -4,6 +4,9 @@ Faces are embedded in batches that span faces and frames: a face waits in the qu
 (``max_batch``) or its wait reaches ``max_latency_s``, whichever comes first, so a GPU sees large batches
 on busy scenes while a live view never lags by more than the latency bound. Each stage's wall time is
 accumulated so the summary shows where a frame's time goes (CPU pre-processing is a common bottleneck).
+Frames for the annotated video wait in a bounded ``FrameBuffer`` until their faces' results are back, so the
+video shows a name from the frame the events give it. Still images (and a one-frame video) are not tracked:
+each face gets one result (runtime.stills).
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ from facemoe.errors import InputError
 from facemoe.preprocess import flip_batch, preprocess_face
 from facemoe.runtime.aggregation import RecognitionBudget
 from facemoe.runtime.alignment import align_face
-from facemoe.runtime.annotate import VideoAnnotator, draw_tracks
+from facemoe.runtime.annotate import VideoAnnotator, track_marks
 from facemoe.runtime.backends.base import Backend
 from facemoe.runtime.detection import Detection, RetinaFaceDetector, to_bgr
 from facemoe.runtime.events import SCHEMA_VERSION, EventWriter, face_fields
+from facemoe.runtime.frame_buffer import FrameBuffer
 from facemoe.runtime.gallery import UNKNOWN, Gallery
+from facemoe.runtime.stills import emit_still, recognise_still
 from facemoe.runtime.tracking import Track, Tracker
 from facemoe.runtime.video_source import Frame, SourceStats
 
@@ -91,6 +96,8 @@ class PipelineConfig:
     max_latency_s: float = 0.1
     budget: RecognitionBudget = field(default_factory=RecognitionBudget)
     include_embeddings: bool = False
+    # Frames held for the annotated video while their faces wait for embeddings (runtime.frame_buffer).
+    annotate_buffer_bytes: int = 256 * 2**20
 
 
 @dataclass
@@ -146,6 +153,10 @@ class Pipeline:
         self.timer = StageTimer()
         self.stats = RunStats(stage_seconds=self.timer.seconds)
         self._pending: list[_Pending] = []
+        self._frames = FrameBuffer(annotator, self.config.annotate_buffer_bytes) if annotator is not None else None
+        # The first tracked frame and its detections, kept until a second frame comes: a one-frame video
+        # is reported like a photo.
+        self._first: tuple[np.ndarray, Frame, list[Detection]] | None = None
 
     # -- per frame -----------------------------------------------------------------------------------
     def process(self, frame: Frame) -> None:
@@ -162,6 +173,10 @@ class Pipeline:
         with self.timer("detect"):
             detections = self.detector.detect(image)
         self.stats.faces += sum(d.score >= self.config.detect_threshold for d in detections)
+        if frame.still:
+            self._still(image, frame, detections)
+            return
+        self._first = (image, frame, detections) if self.stats.frames == 1 else None
         with self.timer("track"):
             update = self.tracker.update(detections, frame.index, frame.timestamp)
         if update.ended:
@@ -184,9 +199,46 @@ class Pipeline:
             or time.perf_counter() - self._pending[0].queued_at >= self.config.max_latency_s
         ):
             self.flush()
-        if self.annotator is not None:
+        if self._frames is not None:
             with self.timer("write"):
-                self.annotator.write(draw_tracks(image, self.tracker.active, frame.index))
+                self._frames.hold(frame.index, image, track_marks(self.tracker.active, frame.index))
+            if self._frames.full:
+                self.flush()  # embed now rather than hold more frames: memory stays bounded
+            if self._first is None:  # the first frame waits: it may turn out to be the only one
+                self._release()
+
+    def _release(self) -> None:
+        """Write the held frames that no queued face can relabel any more."""
+        if self._frames is not None:
+            with self.timer("write"):
+                self._frames.release(self._pending[0].where["frame"] if self._pending else None)
+
+    def _still(self, image: np.ndarray, frame: Frame, detections: list[Detection]) -> None:
+        cfg = self.config
+        faces = recognise_still(
+            image,
+            detections,
+            self.encoder,
+            self.gallery,
+            detect_threshold=cfg.detect_threshold,
+            min_eye_distance=cfg.min_eye_distance,
+            match_threshold=cfg.match_threshold,
+            timer=self.timer,
+        )
+        embedded = sum(f.embedded for f in faces)
+        self.stats.faces_too_small += len(faces) - embedded
+        self.stats.faces_embedded += embedded
+        self.stats.batches += embedded > 0
+        with self.timer("write"):
+            size = (image.shape[1], image.shape[0])
+            emit_still(self.events, faces, image=frame.path, frame=frame.index, timestamp=frame.timestamp, size=size)
+            if self._frames is not None:
+                marks = [face.mark(number) for number, face in enumerate(faces)]
+                if frame.still:
+                    self._frames.hold(frame.index, image, marks)
+                else:
+                    self._frames.replace_marks(frame.index, marks)
+        self._release()
 
     def _maybe_queue(self, image: np.ndarray, frame: Frame, track: Track, det: Detection) -> None:
         if det.score < self.config.detect_threshold:
@@ -222,6 +274,8 @@ class Pipeline:
             if decision is not None:
                 with self.timer("write"):
                     self.events.emit(decision.pop("event"), track_id=track.track_id, **decision, **item.where)
+            if self._frames is not None and track.identity is not None:
+                track.labels.append((item.where["frame"], track.identity, track.similarity))
 
     def _decide(self, track: Track) -> dict[str, Any] | None:
         """Match the track's aggregate against the gallery; the event to emit if its identity is new."""
@@ -279,8 +333,12 @@ class Pipeline:
             )
 
     def finish(self, reason: str = "end_of_stream") -> None:
-        """Embed what is queued and end every open track."""
+        """Embed what is queued, report a one-frame video like a photo, write held frames, end every track."""
         self.flush()
+        if self._first is not None and self.stats.frames == 1 and self.stats.tracks == 0:
+            self._still(*self._first)
+        self._first = None
+        self._release()
         for track in self.tracker.finish():
             self._end_track(track, reason)
 

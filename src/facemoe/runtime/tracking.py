@@ -35,10 +35,30 @@ class Track:
     identity: str | None = None
     similarity: float = 0.0
     streak: int = 0
+    # (frame, identity, similarity) of each decision, kept only while an annotated video needs them: a frame
+    # is drawn with the decision made from the latest face at or before it (see runtime.frame_buffer).
+    labels: list[tuple[int, str, float]] = field(default_factory=list)
 
     @property
     def confirmed(self) -> bool:
         return self.track_id is not None
+
+    def label_at(self, frame_index: int) -> tuple[str, float] | None:
+        """The identity and similarity decided from this track's faces up to ``frame_index``."""
+        found = None
+        for decided_at, identity, similarity in self.labels:
+            if decided_at > frame_index:
+                break
+            found = (identity, similarity)
+        return found
+
+    def forget_labels_before(self, frame_index: int) -> None:
+        """Drop decisions superseded by one at or before ``frame_index`` (frames before it are drawn)."""
+        keep = 0
+        for i, (decided_at, _, _) in enumerate(self.labels):
+            if decided_at <= frame_index:
+                keep = i
+        del self.labels[:keep]
 
     def predict(self, frame_index: int) -> np.ndarray:
         return self.box + self.velocity * (frame_index - self.last_frame)

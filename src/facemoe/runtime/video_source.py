@@ -1,9 +1,10 @@
-"""Frame sources: video files, network streams (RTSP / HTTP) and webcams, through OpenCV.
+"""Frame sources: video files, network streams (RTSP / HTTP), webcams and still images, through OpenCV.
 
 Files are read synchronously, every frame. Live sources (streams, webcams, and files with ``realtime``)
 are read by a background thread that keeps only the newest frame: when processing is slower than the
 source, frames are dropped and counted instead of queueing up latency. Streams that fail after they have
-started are reopened with exponential back-off.
+started are reopened with exponential back-off. An image file or a folder of images is read by
+``runtime.image_source`` and yields frames marked ``still`` (one result per face, no tracking).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import cv2
 import numpy as np
 
 from facemoe.errors import InputError
+from facemoe.runtime.image_source import ImageFiles, is_still_source
 
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://", "srt://")
 # Consecutive failed reads tolerated inside a file before it is treated as ended (corrupt stretch).
@@ -38,6 +40,8 @@ class Frame:
     index: int  # position in the source; frames dropped on live sources leave gaps
     timestamp: float  # seconds: media time for files, time since start for live sources
     image: np.ndarray  # as decoded; the pipeline normalises channels and depth
+    path: str | None = None  # the file this frame came from (image, or video file)
+    still: bool = False  # a photo: its faces are reported one by one instead of tracked
 
 
 @dataclass
@@ -82,7 +86,7 @@ def _default_opener(kind: str, target: str | int, timeout_ms: int) -> Callable[[
 
 
 class VideoSource:
-    """Iterate ``Frame``s from ``spec`` (path, URL or webcam index)."""
+    """Iterate ``Frame``s from ``spec`` (video path, URL, webcam index, image file or folder of images)."""
 
     def __init__(
         self,
@@ -105,8 +109,15 @@ class VideoSource:
         self.backoff_max = backoff_max
         self.stats = SourceStats()
         self.on_status = on_status or (lambda _msg: None)
+        self._images: ImageFiles | None = None
         if self.kind == "file" and opener is None:
-            check_video_file(Path(str(self.target)))
+            path = Path(str(self.target))
+            if is_still_source(path):
+                self._images = ImageFiles(path, self.on_status)
+                self.kind = "images" if path.is_dir() else "image"
+                self.live = False
+            else:
+                check_video_file(path)
         self._opener = opener or _default_opener(self.kind, self.target, int(timeout_s * 1000))
         self._cap: Capture | None = None
         self._first: np.ndarray | None = None
@@ -124,6 +135,12 @@ class VideoSource:
     # -- opening -------------------------------------------------------------------------------------
     def open(self) -> VideoSource:
         """Open and decode the first frame, so a bad source fails here with a clear message."""
+        if self._images is not None:
+            _, image, seconds = self._images.open()
+            self.stats.decode_seconds += seconds
+            self.height, self.width = image.shape[:2]
+            self.frame_count = len(self._images.images)
+            return self
         cap = self._opener()
         if not cap.isOpened():
             cap.release()
@@ -161,10 +178,16 @@ class VideoSource:
         fps = f"{self.fps:.2f} fps" if self.fps else "unknown fps"
         count = f", {self.frame_count} frames" if self.frame_count and self.kind == "file" else ""
         live = ", live" if self.live else ""
+        if self._images is not None:
+            if not self._images.folder:
+                return f"image {self.spec} ({size})"
+            return f"images {self.spec} ({self.frame_count} images, the first {size})"
         return f"{self.kind} {self.spec} ({size}, {fps}{count}{live})"
 
     # -- iteration -----------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Frame]:
+        if self._images is not None:
+            return self._iter_images(self._images)
         if self._cap is None and self._first is None:
             self.open()
         if self.live:
@@ -180,7 +203,7 @@ class VideoSource:
         first, self._first = self._first, None
         if first is not None:
             self.stats.decoded += 1
-            yield Frame(0, 0.0, first)
+            yield Frame(0, 0.0, first, path=self.spec)
         corrupt_run = 0
         while not self._stop.is_set():
             index += 1
@@ -192,7 +215,7 @@ class VideoSource:
                 self.stats.corrupt += corrupt_run
                 corrupt_run = 0
                 self.stats.decoded += 1
-                yield Frame(index, self._timestamp(index), image)
+                yield Frame(index, self._timestamp(index), image, path=self.spec)
                 continue
             if self.frame_count and index < self.frame_count - 1 and corrupt_run < MAX_CORRUPT_RUN:
                 corrupt_run += 1
@@ -200,6 +223,16 @@ class VideoSource:
             if self.frame_count and self.stats.decoded + self.stats.corrupt < self.frame_count - 1:
                 self.stats.ended_early = True
             return
+
+    def _iter_images(self, images: ImageFiles) -> Iterator[Frame]:
+        for position, path, image, seconds in images:
+            self.stats.decode_seconds += seconds
+            self.stats.decoded += 1
+            self.stats.corrupt = len(images.unreadable)
+            yield Frame(position, 0.0, image, path=str(path), still=True)
+            if self._stop.is_set():
+                return
+        self.stats.corrupt = len(images.unreadable)
 
     def _iter_live(self) -> Iterator[Frame]:
         self._thread = threading.Thread(target=self._reader, name="facemoe-video-reader", daemon=True)
