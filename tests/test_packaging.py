@@ -35,7 +35,7 @@ def test_runtime_imports_without_torch():
 
 def test_hub_download_offline_message(monkeypatch, tmp_path):
     hub = pytest.importorskip("huggingface_hub")
-    from facemoe.model import hub as facemoe_hub
+    from facemoe import hub as facemoe_hub
 
     def offline(**_kwargs):
         raise OSError("Temporary failure in name resolution")
@@ -47,7 +47,7 @@ def test_hub_download_offline_message(monkeypatch, tmp_path):
 
 def test_hub_download_requests_official_file(monkeypatch, tmp_path):
     hub = pytest.importorskip("huggingface_hub")
-    from facemoe.model import hub as facemoe_hub
+    from facemoe import hub as facemoe_hub
 
     calls = {}
 
