@@ -98,6 +98,13 @@ def bench(
     if preset not in ("full", "tiny", "small"):
         raise FaceMoEError(f"--preset {preset!r}: choose full or tiny")
     need_bundle = any(name in ("onnxruntime", "tensorrt") for name in config.backends)
+    # Torch rows, random weights and checkpoints (exported to a bundle for the ORT rows) all need PyTorch.
+    torch_rows = [name for name in config.backends if name in ("torch", "sparse")]
+    if torch_rows or (bundle is None and (random_weights or checkpoint is not None)):
+        from facemoe.extras import require_torch
+
+        needs = f"--backend {torch_rows[0]}" if torch_rows else "--random-weights" if random_weights else "--checkpoint"
+        require_torch(f"facemoe bench {needs}")
 
     def log(message: str) -> None:
         console.print(message, highlight=False)

@@ -43,6 +43,15 @@ def user_errors(func: F) -> F:
                 f"[bold red]error:[/] {escape(where + str(exc.strerror or exc))}", highlight=False, soft_wrap=True
             )
             raise typer.Exit(EXIT_USER_ERROR) from None
+        except ModuleNotFoundError as exc:
+            # An optional dependency missing on a path no explicit check covered: name the extra, no traceback.
+            from facemoe.extras import missing_extra_message
+
+            message = missing_extra_message(exc)
+            if message is None:
+                raise
+            console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_USER_ERROR) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]")
             raise typer.Exit(EXIT_INTERRUPTED) from None

@@ -92,7 +92,9 @@ def export(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
 ) -> None:
     """Export a FaceMoE checkpoint into a deployment bundle and check every artifact against PyTorch."""
-    import torch
+    from facemoe.extras import require_torch
+
+    torch = require_torch("facemoe-export")
 
     from facemoe.export.bundle_writer import CalibrationSpec, export_bundle
     from facemoe.fileio import sha256_file

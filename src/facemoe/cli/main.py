@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from facemoe.cli.common import console, out, user_errors
+from facemoe.cli.common import console, fail, out, user_errors
+from facemoe.extras import missing_extra_message
 
 app = typer.Typer(add_completion=False, help="FaceMoE Edge: export, verify, benchmark and run FaceMoE.")
 
@@ -20,9 +22,16 @@ def download(
     dest: Annotated[Path, typer.Option(help="Directory to store model.pt in.")] = Path("weights"),
 ) -> None:
     """Download official FaceMoE weights from the Hugging Face hub (needs network access)."""
-    from facemoe.model.hub import download_official
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-    path = download_official(variant, dest)
+    from facemoe.hub import download_official
+
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task(f"downloading {variant}", total=None)
+        path = download_official(
+            variant, dest, progress=lambda done, total: bar.update(task, completed=done, total=total)
+        )
     console.print(f"[green]downloaded[/] {path}\nexport it: facemoe-export --checkpoint {path} --fp16 --out bundle")
 
 
@@ -36,6 +45,9 @@ def parity(
     ] = 32,
 ) -> None:
     """Re-check every artifact of a bundle against the PyTorch fp32 reference; exit 1 on a missed gate."""
+    from facemoe.extras import require_torch
+
+    require_torch("facemoe parity")
     from facemoe.bundle import Bundle
     from facemoe.errors import FaceMoEError
     from facemoe.export.bundle_writer import NOISE_FLOOR_CAPTION, NOISE_FLOOR_ROW, parity_table
@@ -114,15 +126,30 @@ def info(bundle: Annotated[Path, typer.Argument(help="Bundle directory.")]) -> N
         out.print(f"engine: {engine}")
 
 
+def _unavailable(name: str, module: str, exc: ImportError) -> Callable[..., None]:
+    """A stand-in for a command whose module failed to import: listed in --help, one line when run."""
+    hint = missing_extra_message(exc, f"facemoe {name}") or f"facemoe {name} is unavailable: {module}: {exc}"
+
+    def command(args: Annotated[list[str] | None, typer.Argument(hidden=True)] = None) -> None:
+        fail(hint)
+
+    command.__doc__ = f"(unavailable here) {hint}"
+    return command
+
+
 def _mount(module: str, attr: str, name: str) -> None:
-    """Mount a command defined in another module when that module is present."""
+    """Mount a command defined in another module; if that module cannot be imported, a stand-in that says why.
+
+    A command never silently disappears from ``facemoe --help``: the command modules import only typer and
+    rich at the top (heavy dependencies load inside the command), so a failure here is a broken install.
+    """
     try:
-        mod = importlib.import_module(module)
-    except ImportError:
+        func = getattr(importlib.import_module(module), attr)
+    except ImportError as exc:
+        settings = {"allow_extra_args": True, "ignore_unknown_options": True}
+        app.command(name=name, context_settings=settings)(_unavailable(name, module, exc))
         return
-    func = getattr(mod, attr, None)
-    if func is not None:
-        app.command(name=name)(func)
+    app.command(name=name)(func)
 
 
 _mount("facemoe.cli.export_cmd", "export", "export")

@@ -1,7 +1,7 @@
 """``facemoe-run``: face recognition on a video file, stream or webcam, with JSON Lines events.
 
-Torch is never imported here unless ``--demo`` has to build its demo bundle or ``--backend torch`` is
-chosen: the edge box this runs on carries ONNX Runtime or TensorRT, numpy and OpenCV only.
+Torch is never imported here unless ``--backend torch`` is chosen: the edge box this runs on carries ONNX
+Runtime or TensorRT, numpy and OpenCV only (``--demo`` runs the bundle shipped in the package).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from facemoe.cli.common import EXIT_INTERRUPTED, EXIT_USER_ERROR, console, user_errors
+from facemoe.demo import ensure_demo_bundle
 from facemoe.errors import FaceMoEError
 
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -34,50 +35,6 @@ DEMO_WARNING = (
     "  facemoe enroll --images people/ --bundle bundle --out gallery.npz\n"
     "  facemoe-run --video VIDEO --bundle bundle --gallery gallery.npz"
 )
-
-
-def cache_dir() -> Path:
-    """User cache directory for FaceMoE (``$FACEMOE_CACHE``, else the XDG cache, else ~/.cache)."""
-    if os.environ.get("FACEMOE_CACHE"):
-        return Path(os.environ["FACEMOE_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "facemoe"
-
-
-def ensure_demo_bundle(root: Path | None = None) -> Path:
-    """The cached demo bundle (tiny preset, random weights), exported on first use; needs PyTorch once."""
-    from facemoe.bundle import Bundle
-
-    target = (root or cache_dir()) / "demo-bundle"
-    try:
-        Bundle(target).artifact_path("fp32")
-        return target
-    except FaceMoEError:
-        pass
-    try:
-        import torch  # noqa: F401
-
-        from facemoe.export.bundle_writer import export_bundle
-        from facemoe.model import build_model
-        from facemoe.model.random_weights import randomize
-    except ImportError as exc:
-        raise FaceMoEError(
-            f"--demo builds its bundle with PyTorch, which is not available here ({exc}); install the export "
-            "extra (pip install 'facemoe-edge[export]') or pass --bundle DIR"
-        ) from None
-    console.print(f"building the demo bundle (tiny preset, random weights) in {escape(str(target))} ...")
-    seed = 0
-    export_bundle(
-        randomize(build_model("tiny"), seed=seed),
-        target,
-        precisions=("fp32",),
-        overwrite=True,
-        random_weights=True,
-        source={"random_weights": True, "preset": "tiny", "seed": seed},
-        progress=console.is_terminal,
-        console=console,
-    )
-    return target
 
 
 @contextlib.contextmanager
