@@ -51,9 +51,8 @@ def parity(
     from facemoe.bundle import Bundle
     from facemoe.errors import FaceMoEError
     from facemoe.export.bundle_writer import NOISE_FLOOR_CAPTION, NOISE_FLOOR_ROW, parity_table
-    from facemoe.export.inputs import PARITY_INPUTS_NAME, load_parity_inputs, paired_views, synthetic_faces
+    from facemoe.export.inputs import recorded_parity_inputs
     from facemoe.export.parity import DEFAULT_GATES, check_artifacts, noise_floor, run_reference
-    from facemoe.fileio import sha256_file
     from facemoe.model import load_checkpoint
     from facemoe.model.random_weights import randomize
 
@@ -71,17 +70,9 @@ def parity(
         model = load_checkpoint(src["path"], config=cfg, k=model_info["k"])
     else:
         raise FaceMoEError(f"{bundle}: the reference checkpoint is not available here; pass --checkpoint")
-    stored = Path(bundle) / PARITY_INPUTS_NAME
     recorded = loaded.manifest.model.get("export", {}).get("parity_inputs", {})
-    if stored.is_file():
-        if recorded.get("sha256") and sha256_file(stored) != recorded["sha256"]:
-            raise FaceMoEError(f"{stored}: sha256 differs from the manifest's; the bundle was modified")
-        inputs, source = load_parity_inputs(stored)
-        console.print(f"inputs: the {len(inputs) // 2} held-out faces the export was judged on ({source})")
-    else:
-        # Bundles from before the inputs were stored: the export's synthetic recipe, said as such.
-        inputs = paired_views(synthetic_faces(count, size=cfg["img_size"]))
-        console.print(f"[yellow]{bundle}: no {PARITY_INPUTS_NAME}; using {count} synthetic faces, not the export's[/]")
+    inputs, said = recorded_parity_inputs(Path(bundle), recorded, count)
+    console.print(f"inputs: {said}")
     reference = run_reference(model, inputs)
     layer_names = [name for name, _ in model.moe_layers()]
     paths = {precision: loaded.artifact_path(precision, verify=True) for precision in loaded.precisions}

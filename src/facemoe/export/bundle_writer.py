@@ -30,6 +30,8 @@ from facemoe.export import fp16 as fp16_pass
 from facemoe.export.inputs import (
     PAIR_SEED,
     PARITY_INPUTS_NAME,
+    SYNTHETIC_SEED,
+    array_sha256,
     paired_views,
     save_parity_inputs,
     synthetic_faces,
@@ -160,8 +162,13 @@ def _face_detector():  # type: ignore[no-untyped-def]
     return faces
 
 
-def _load_parity_faces(calib: CalibrationSpec | None, count: int) -> tuple[np.ndarray, dict[str, Any]]:
-    """Held-out faces (view A): from the calibration sources (files not used for calibration) or synthetic."""
+def _parity_inputs(staging: Path, calib: CalibrationSpec | None, count: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """Held-out inputs and how ``facemoe parity`` gets the same ones again.
+
+    Faces held out from the calibration sources are stored in the bundle (float32, exactly as used);
+    synthetic faces are recorded by recipe and sha256 (docs/EXPORT.md, "Parity").
+    """
+    faces: np.ndarray | None = None
     if calib is not None:
         from facemoe.calibration.dataset import build_holdout_set
 
@@ -173,18 +180,20 @@ def _load_parity_faces(calib: CalibrationSpec | None, count: int) -> tuple[np.nd
             calibration_count=calib.count,
             calibration_seed=calib.seed,
         )
-        if len(faces):
-            return faces, {"source": "held-out faces", **summary}
-    return synthetic_faces(count), {"source": "synthetic smooth images (no face data given)", "count": count}
-
-
-def _parity_inputs(staging: Path, calib: CalibrationSpec | None, count: int) -> tuple[np.ndarray, dict[str, Any]]:
-    """Held-out inputs, stored in the bundle so ``facemoe parity`` re-runs the same check."""
-    faces, summary = _load_parity_faces(calib, count)
-    path = staging / PARITY_INPUTS_NAME
-    save_parity_inputs(path, faces, str(summary["source"]))
-    summary = {**summary, "file": path.name, "sha256": sha256_file(path), "faces": len(faces), "pair_seed": PAIR_SEED}
-    return paired_views(faces, seed=PAIR_SEED), summary
+    if faces is not None and len(faces):
+        path = staging / PARITY_INPUTS_NAME
+        save_parity_inputs(path, faces, "held-out faces")
+        summary = {"source": "held-out faces", **summary, "file": path.name, "sha256": sha256_file(path)}
+    else:
+        faces = synthetic_faces(count)
+        summary = {
+            "source": "synthetic smooth images (no face data given)",
+            "count": count,
+            "size": int(faces.shape[-1]),
+            "seed": SYNTHETIC_SEED,
+            "array_sha256": array_sha256(faces),
+        }
+    return paired_views(faces, seed=PAIR_SEED), {**summary, "faces": len(faces), "pair_seed": PAIR_SEED}
 
 
 def export_bundle(
