@@ -2,6 +2,8 @@
 
 ``make_aligned_face_folder`` writes a folder tree that looks like what users point the exporter at: nested
 folders, jpg/png/bmp, a few grey, 4-channel, 16-bit and non-112 crops, and a stray non-image file.
+``scene_with`` pastes crops into a larger background (a scene the detector must find faces in), and
+``carphone_frames`` reads the shipped clip with one real face.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import cv2
 import numpy as np
 
 DATA_DIR = Path(__file__).parent / "data" / "calib"
+CARPHONE = Path(__file__).parents[1] / "src" / "facemoe" / "data" / "carphone_pristine.mp4"
 # LFW faces [0, CALIBRATION_LFW) go into calibration folders; the rest are held out for parity checks.
 CALIBRATION_LFW = 50
 
@@ -91,12 +94,32 @@ def write_face_video(path: str | Path, faces: list[np.ndarray], frames: int = 20
     return path
 
 
-def center_detector(frame: np.ndarray) -> list[np.ndarray]:
-    """Stand-in for the runtime detector: the central 112x112 square of the frame is 'the face'."""
-    height, width = frame.shape[:2]
-    top, left = (height - 112) // 2, (width - 112) // 2
-    return [frame[top : top + 112, left : left + 112].copy()]
+def background(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A smooth random colour background (no face-like structure: the detector finds nothing in it)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(40, 200, (height // 20 + 1, width // 20 + 1, 3)).astype(np.uint8)
+    return cv2.GaussianBlur(cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC), (0, 0), 3)
 
 
-def no_face_detector(frame: np.ndarray) -> list[np.ndarray]:
-    return []
+def scene_with(faces: list[tuple[np.ndarray, int, int]], width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A scene: each (crop, x, y) pasted at (x, y) into a ``width`` x ``height`` background."""
+    frame = background(width, height, seed)
+    for face, x, y in faces:
+        frame[y : y + face.shape[0], x : x + face.shape[1]] = face
+    return frame
+
+
+def carphone_frames(step: int = 1) -> list[np.ndarray]:
+    """Every ``step``-th frame of the shipped 176x144 carphone clip (one real face throughout)."""
+    capture = cv2.VideoCapture(str(CARPHONE))
+    frames, index = [], 0
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        if index % step == 0:
+            frames.append(frame)
+        index += 1
+    capture.release()
+    assert frames, CARPHONE
+    return frames

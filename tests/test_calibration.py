@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from facemoe.calibration import (
+    MIN_DISTINCT_FACES,
     CalibrationCache,
     DegradeConfig,
+    FaceDetector,
     build_calibration_set,
     build_holdout_set,
     degrade_faces,
@@ -21,9 +23,8 @@ from facemoe.calibration.sources import load_aligned_face, read_image, to_aligne
 from facemoe.errors import InputError
 
 from calib_fixtures import (
-    center_detector,
+    background,
     make_aligned_face_folder,
-    no_face_detector,
     real_faces,
     write_face_video,
 )
@@ -32,6 +33,11 @@ from calib_fixtures import (
 @pytest.fixture(scope="module")
 def face_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_aligned_face_folder(tmp_path_factory.mktemp("faces") / "crops", count=30)
+
+
+@pytest.fixture(scope="module")
+def detector() -> FaceDetector:
+    return FaceDetector()
 
 
 def _high_frequency(image: np.ndarray) -> float:
@@ -49,7 +55,13 @@ def test_find_files_walks_nested_folders_and_ignores_other_files(face_folder: Pa
     assert {f.path.suffix for f in files} == {".png", ".jpg", ".bmp"}
     assert any("deeper" in f.label for f in files)
     assert [f.label for f in files] == sorted(f.label for f in files)
-    assert all(f.kind == "aligned" for f in files)
+    assert all(f.kind == "image" for f in files)
+    np.save(face_folder / "set_a" / "stack.npy", np.zeros((3, 25, 25), np.uint8))
+    try:
+        kinds = {f.label.rsplit("/", 1)[-1]: f.kind for f in find_files(face_folder)}
+    finally:
+        (face_folder / "set_a" / "stack.npy").unlink()
+    assert kinds["stack.npy"] == "stack" and len(kinds) == 31
 
 
 def test_odd_images_become_112_bgr_uint8(face_folder: Path) -> None:
@@ -119,9 +131,12 @@ def test_build_calibration_set(face_folder: Path) -> None:
     batch, summary = build_calibration_set(face_folder, count=16, seed=0)
     assert batch.shape == (16, 3, 120, 120) and batch.dtype == np.float32
     assert batch.min() >= -1.0 and batch.max() <= 1.0
-    assert summary["samples"] == 16 and summary["available_faces"] == 30 and summary["unique_faces"] == 16
+    assert summary["samples"] == 16 and summary["distinct_faces"] == 30 and summary["unique_faces"] == 16
     assert summary["degradation"]["seed"] == 0 and len(summary["data_hash"]) == 64
-    assert summary["sources"][0]["files"] == 30
+    assert summary["sources"][0]["files"] == 30 and summary["sources"][0]["decisions"] == {"aligned": 30}
+    # Without a detector, crops are taken as aligned unchecked, and the summary says so.
+    assert all("not checked" in r["reason"] for r in summary["sources"][0]["per_file"])
+    assert summary["min_distinct_faces"] == MIN_DISTINCT_FACES and len(summary["warnings"]) == 1
 
     again, summary_again = build_calibration_set(face_folder, count=16, seed=0)
     assert np.array_equal(batch, again) and summary_again["data_hash"] == summary["data_hash"]
@@ -153,12 +168,19 @@ def test_several_paths_with_the_same_folder_name(tmp_path: Path) -> None:
     assert only_first["data_hash"] != summary["data_hash"]
 
 
-def test_fewer_faces_than_count(tmp_path: Path) -> None:
+def test_fewer_faces_than_count_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     folder = make_aligned_face_folder(tmp_path / "few", count=5, odd_files=False)
-    batch, summary = build_calibration_set(folder, count=12, seed=0)
-    assert len(batch) == 12 and summary["unique_faces"] == 5
-    clean, summary_clean = build_calibration_set(folder, count=12, seed=0, degrade=False)
-    assert len(clean) == 5 and summary_clean["samples"] == 5
+    with caplog.at_level("WARNING", logger="facemoe.calibration.dataset"):
+        batch, summary = build_calibration_set(folder, count=12, seed=0)
+    assert len(batch) == 12 and summary["unique_faces"] == 5 and summary["distinct_faces"] == 5
+    expected = f"only 5 distinct source faces (from 5 files) for 12 samples, below the minimum of {MIN_DISTINCT_FACES}"
+    assert len(summary["warnings"]) == 1 and expected in summary["warnings"][0]
+    # No warn callback: the module's logger reports it, once.
+    assert [r.getMessage() for r in caplog.records] == summary["warnings"]
+    told: list[str] = []
+    clean, summary_clean = build_calibration_set(folder, count=12, seed=0, degrade=False, warn=told.append)
+    assert len(clean) == 5 and summary_clean["samples"] == 5 and told == summary_clean["warnings"]
+    assert "for 5 samples" in told[0]
 
 
 def test_holdout_set_leaves_out_the_calibration_faces(face_folder: Path) -> None:
@@ -175,26 +197,15 @@ def test_holdout_set_leaves_out_the_calibration_faces(face_folder: Path) -> None
     assert nothing.shape == (0, 3, 120, 120) and summary["samples"] == 0
 
 
-def test_detector_hook_for_videos_and_scenes(tmp_path: Path) -> None:
-    video = write_face_video(tmp_path / "clip.avi", real_faces()[:4], frames=20)
-    batch, summary = build_calibration_set(
-        video, count=8, detector=center_detector, frame_step=2, max_faces_per_source=6
-    )
-    assert summary["available_faces"] == 6 and len(batch) == 8
-    assert summary["detector"].endswith("center_detector")
-
-    scenes = tmp_path / "scenes"
-    scenes.mkdir()
-    for i, face in enumerate(real_faces()[:3]):
-        cv2.imwrite(str(scenes / f"scene_{i}.jpg"), cv2.copyMakeBorder(face, 30, 30, 30, 30, cv2.BORDER_CONSTANT))
-    batch, summary = build_calibration_set(scenes, count=3, aligned=False, detector=center_detector, degrade=False)
-    assert batch.shape == (3, 3, 120, 120) and summary["aligned"] is False
-
-    # Inside a folder of aligned crops, a video without a detector is skipped, not an error.
+def test_without_a_detector_videos_and_scenes_are_skipped_and_reported(tmp_path: Path) -> None:
     mixed = make_aligned_face_folder(tmp_path / "mixed", count=3, odd_files=False)
     write_face_video(mixed / "clip.avi", real_faces()[:2], frames=4)
-    _, summary = build_calibration_set(mixed, count=3)
-    assert summary["sources"][0]["skipped_videos"] == 1 and summary["available_faces"] == 3
+    cv2.imwrite(str(mixed / "photo.jpg"), background(400, 300))
+    told: list[str] = []
+    _, summary = build_calibration_set(mixed, count=3, warn=told.append)
+    assert summary["sources"][0]["decisions"] == {"aligned": 3, "skipped": 2} and summary["distinct_faces"] == 3
+    assert "2 video(s) or scene image(s) skipped: they need a face detector" in told[0]
+    assert told == summary["warnings"] and len(told) == 2  # the skip and the few-faces warning
 
 
 # --------------------------------------------------------------------------------------------- bad inputs
@@ -207,7 +218,7 @@ def _raises_naming(path: Path | str, call: object, *args: object, **kwargs: obje
     assert str(path) in message and "\n" not in message, message
 
 
-def test_bad_inputs_name_the_path(tmp_path: Path) -> None:
+def test_bad_inputs_name_the_path(tmp_path: Path, detector: FaceDetector) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     _raises_naming(empty, build_calibration_set, empty)
@@ -227,11 +238,21 @@ def test_bad_inputs_name_the_path(tmp_path: Path) -> None:
 
     video = write_face_video(tmp_path / "clip.avi", real_faces()[:2], frames=4)
     _raises_naming(video, build_calibration_set, video)  # a video needs a detector
-    _raises_naming(video, build_calibration_set, video, detector=no_face_detector)  # no faces found
+    empty_video = write_face_video(tmp_path / "empty.avi", [background(112, 112)], frames=4)
+    _raises_naming(empty_video, build_calibration_set, empty_video, detector=detector)  # no faces found
+    scene = tmp_path / "scene.png"
+    cv2.imwrite(str(scene), background(320, 200))
+    _raises_naming(scene, build_calibration_set, scene)  # a scene image needs a detector
 
     not_video = tmp_path / "fake.mp4"
     not_video.write_bytes(b"not a video")
-    _raises_naming(not_video, build_calibration_set, not_video, detector=center_detector)
+    _raises_naming(not_video, build_calibration_set, not_video, detector=detector)
+
+    bad_stack = tmp_path / "stack.npy"
+    np.save(bad_stack, np.zeros((4, 25, 25), np.float32))
+    _raises_naming(bad_stack, build_calibration_set, bad_stack)
+    np.save(bad_stack, np.zeros((4, 25), np.uint8))
+    _raises_naming(bad_stack, build_calibration_set, bad_stack)
 
 
 # -------------------------------------------------------------------------------------------------- cache

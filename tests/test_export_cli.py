@@ -93,7 +93,10 @@ def test_small_preset_fp32_fp16_int8_end_to_end_with_default_gates(tmp_path):
 
     cache = tmp_path / "cache"
     args = ["--random-weights", "--preset", "small", "--fp16", "--int8", "--calib", str(CALIB_DIR)]
-    args += ["--calib-count", "32", "--calib-cache", str(cache), "--quiet"]
+    # --calib-count 102: calibration takes every face of the folder (2 crops + 100 LFW), so parity runs on the
+    # synthetic inputs the random-weight gates were set on; on held-out real faces this random model is chaotic
+    # (fp32 vs itself at +-0.5 grey level: cosine min 0.963; fp16 min 0.986 < its 0.99 gate).
+    args += ["--calib-count", "102", "--calib-cache", str(cache), "--quiet"]
     result = _export(*args, "--out", str(tmp_path / "b"))
     assert result.returncode == 0, result.stderr
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())

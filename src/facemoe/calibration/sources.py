@@ -1,12 +1,13 @@
-"""Where calibration faces come from: folders of aligned crops, and scene images or videos via a detector.
+"""Where calibration faces come from: files and folders of images, videos and .npy stacks of crops.
 
 An aligned crop is what the runtime feeds the model after detection and alignment: 112 x 112 BGR on the
 ArcFace template. Folders are searched at any depth; grey, 16-bit and 4-channel files are converted to 8-bit
 BGR; 96 x 112 crops (the older SphereFace template, which is the ArcFace one without its 8-pixel side
-margins) are padded; other sizes are centre-cropped to a square and resized.
+margins) are padded; other sizes are centre-cropped to a square and resized. Whether an image *is* an
+aligned crop or a scene that needs the detector is decided in ``facemoe.calibration.pool``.
 
-Scene images and video frames need a detector hook, ``detector(frame_bgr) -> list of aligned crops``; the
-runtime's detector (``facemoe.runtime.detection``) will provide one.
+A ``.npy`` file is a stack of aligned crops: uint8 or uint16, shape (N, H, W) grey or (N, H, W, C) with C
+= 1, 3 (BGR, OpenCV's order like every image in facemoe) or 4; it is memory-mapped, never loaded whole.
 
 Every problem a user can cause (missing path, empty folder, unreadable file) is an ``InputError`` whose
 one-line message starts with the path.
@@ -15,7 +16,7 @@ one-line message starts with the path.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +28,7 @@ from facemoe.errors import InputError
 ALIGNED_SIZE = 112
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp")
 VIDEO_SUFFIXES: tuple[str, ...] = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
-
-Detector = Callable[[np.ndarray], list[np.ndarray]]
+STACK_SUFFIXES: tuple[str, ...] = (".npy",)
 
 
 @dataclass(frozen=True)
@@ -37,28 +37,33 @@ class SourceFile:
 
     path: Path
     label: str
-    kind: str  # "aligned", "scene" or "video"
+    kind: str  # "image", "video" or "stack"
 
 
-def _suffix(path: Path) -> str:
-    return path.suffix.lower()
+def _kind(path: Path) -> str | None:
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return "image"
+    if suffix in VIDEO_SUFFIXES:
+        return "video"
+    if suffix in STACK_SUFFIXES:
+        return "stack"
+    return None
 
 
-def find_files(root: str | os.PathLike[str], aligned: bool = True) -> list[SourceFile]:
-    """Image (and video) files under ``root`` (a folder, any depth, or a single file), sorted by label."""
+_WHAT = f"images ({', '.join(IMAGE_SUFFIXES)}), videos ({', '.join(VIDEO_SUFFIXES)}) or .npy stacks of crops"
+
+
+def find_files(root: str | os.PathLike[str]) -> list[SourceFile]:
+    """Image, video and .npy files under ``root`` (a folder, any depth, or a single file), sorted by label."""
     root = Path(root)
     if not root.exists():
         raise InputError(f"{root}: no such file or folder")
-    image_kind = "aligned" if aligned else "scene"
     if root.is_file():
-        suffix = _suffix(root)
-        if suffix in IMAGE_SUFFIXES:
-            return [SourceFile(root, root.name, image_kind)]
-        if suffix in VIDEO_SUFFIXES:
-            return [SourceFile(root, root.name, "video")]
-        raise InputError(
-            f"{root}: not an image ({', '.join(IMAGE_SUFFIXES)}) or video ({', '.join(VIDEO_SUFFIXES)}) file"
-        )
+        kind = _kind(root)
+        if kind is None:
+            raise InputError(f"{root}: not one of the calibration inputs: {_WHAT}")
+        return [SourceFile(root, root.name, kind)]
     found: list[SourceFile] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -67,12 +72,11 @@ def find_files(root: str | os.PathLike[str], aligned: bool = True) -> list[Sourc
                 continue
             path = Path(dirpath) / name
             label = f"{root.name}/{path.relative_to(root).as_posix()}"
-            if _suffix(path) in IMAGE_SUFFIXES:
-                found.append(SourceFile(path, label, image_kind))
-            elif _suffix(path) in VIDEO_SUFFIXES:
-                found.append(SourceFile(path, label, "video"))
+            kind = _kind(path)
+            if kind is not None:
+                found.append(SourceFile(path, label, kind))
     if not found:
-        raise InputError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) or videos found in this folder or below it")
+        raise InputError(f"{root}: no {_WHAT} found in this folder or below it")
     return sorted(found, key=lambda f: f.label)
 
 
@@ -139,17 +143,6 @@ def load_aligned_face(path: str | os.PathLike[str], size: int = ALIGNED_SIZE) ->
     return to_aligned(read_image(path), size)
 
 
-def detect_faces(frame: np.ndarray, detector: Detector, source: str, size: int = ALIGNED_SIZE) -> list[np.ndarray]:
-    """Run the detector hook and normalise what it returns to aligned uint8 BGR crops."""
-    faces = []
-    for crop in detector(frame):
-        crop = np.asarray(crop)
-        if crop.ndim not in (2, 3) or crop.size == 0:
-            raise InputError(f"{source}: the detector returned a crop of shape {crop.shape}, not an image")
-        faces.append(to_aligned(to_bgr8(crop, source), size))
-    return faces
-
-
 def iter_video_frames(path: str | os.PathLike[str], frame_step: int = 5) -> Iterator[tuple[int, np.ndarray]]:
     """(index, BGR frame) for every ``frame_step``-th frame of a video file."""
     capture = cv2.VideoCapture(str(path))
@@ -170,40 +163,37 @@ def iter_video_frames(path: str | os.PathLike[str], frame_step: int = 5) -> Iter
         capture.release()
 
 
-def faces_from_source(
-    source: SourceFile,
-    detector: Detector | None,
-    frame_step: int = 5,
-    max_faces: int = 64,
-    size: int = ALIGNED_SIZE,
-) -> list[np.ndarray]:
-    """Detected, aligned faces of a scene image or video (at most ``max_faces``, in frame order)."""
-    if detector is None:
-        raise InputError(f"{source.path}: scene images and videos need a face detector (detector=...)")
-    if source.kind == "scene":
-        return detect_faces(read_image(source.path), detector, str(source.path), size)[:max_faces]
-    faces: list[np.ndarray] = []
-    for _, frame in iter_video_frames(source.path, frame_step):
-        faces.extend(detect_faces(frame, detector, str(source.path), size))
-        if len(faces) >= max_faces:
-            break
-    return faces[:max_faces]
+def open_stack(path: str | os.PathLike[str]) -> np.ndarray:
+    """Memory-map a .npy stack of crops and check its layout (see the module docstring)."""
+    try:
+        stack = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable .npy array ({exc})") from exc
+    if stack.dtype not in (np.uint8, np.uint16):
+        raise InputError(f"{path}: a stack of crops must be uint8 or uint16, not {stack.dtype}")
+    if not (stack.ndim == 3 or (stack.ndim == 4 and stack.shape[3] in (1, 3, 4))) or 0 in stack.shape:
+        raise InputError(f"{path}: expected a stack of crops (N, H, W) or (N, H, W, 1|3|4), got {stack.shape}")
+    return stack
+
+
+def stack_face(stack: np.ndarray, index: int, source: str | os.PathLike[str], size: int = ALIGNED_SIZE) -> np.ndarray:
+    return to_aligned(to_bgr8(np.array(stack[index]), source), size)
 
 
 __all__ = [
     "ALIGNED_SIZE",
     "IMAGE_SUFFIXES",
+    "STACK_SUFFIXES",
     "VIDEO_SUFFIXES",
-    "Detector",
     "SourceFile",
     "decode_image",
-    "detect_faces",
-    "faces_from_source",
     "find_files",
     "iter_video_frames",
     "load_aligned_face",
+    "open_stack",
     "read_bytes",
     "read_image",
+    "stack_face",
     "to_aligned",
     "to_bgr8",
 ]

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -148,21 +149,9 @@ def parity_table(results: dict[str, ParityResult]) -> Table:
     return table
 
 
-def _face_detector():  # type: ignore[no-untyped-def]
-    """Detector hook for calibration videos and scene images: RetinaFace + 5-point ArcFace alignment."""
-    from facemoe.runtime.alignment import align_face
-    from facemoe.runtime.detection import RetinaFaceDetector
-
-    detector = RetinaFaceDetector(score_threshold=0.7)
-
-    def faces(frame_bgr: np.ndarray) -> list[np.ndarray]:
-        return [align_face(frame_bgr, d.landmarks) for d in detector.detect(frame_bgr) if d.eye_distance >= 8.0]
-
-    faces.__qualname__ = "retinaface_mnet025+arcface_align"  # recorded in the calibration summary
-    return faces
-
-
-def _parity_inputs(staging: Path, calib: CalibrationSpec | None, count: int) -> tuple[np.ndarray, dict[str, Any]]:
+def _parity_inputs(
+    staging: Path, calib: CalibrationSpec | None, pool: Any, count: int
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Held-out inputs and how ``facemoe parity`` gets the same ones again.
 
     Faces held out from the calibration sources are stored in the bundle (float32, exactly as used);
@@ -173,12 +162,7 @@ def _parity_inputs(staging: Path, calib: CalibrationSpec | None, count: int) -> 
         from facemoe.calibration.dataset import build_holdout_set
 
         faces, summary = build_holdout_set(
-            calib.paths,
-            detector=_face_detector(),
-            count=count,
-            seed=calib.seed + 1,
-            calibration_count=calib.count,
-            calibration_seed=calib.seed,
+            pool, count=count, seed=calib.seed + 1, calibration_count=calib.count, calibration_seed=calib.seed
         )
     if faces is not None and len(faces):
         path = staging / PARITY_INPUTS_NAME
@@ -229,6 +213,11 @@ def export_bundle(
     artifacts: dict[str, Artifact] = {}
     parity: dict[str, ParityResult] = {}
     calibration_summary: dict[str, Any] | None = None
+    face_pool = None
+    if calib is not None:  # read and detect the calibration sources once, before the long export steps
+        from facemoe.calibration import FaceDetector, gather_faces
+
+        face_pool = gather_faces(calib.paths, detector=FaceDetector())
 
     steps = ["fp32 ONNX"] + [f"{p} ONNX" for p in wanted[1:]] + ["parity", "manifest"]
     with (
@@ -276,13 +265,17 @@ def export_bundle(
             bar.advance(task)
 
         if "int8" in wanted:
-            assert calib is not None
+            assert calib is not None and face_pool is not None
             start = step("int8 ONNX: calibrate on low-resolution faces, insert Q/DQ")
             from facemoe.calibration.dataset import build_calibration_set
             from facemoe.export.int8 import quantize_int8
 
             faces, data_summary = build_calibration_set(
-                calib.paths, count=calib.count, seed=calib.seed, degrade=calib.degrade, detector=_face_detector()
+                face_pool,
+                count=calib.count,
+                seed=calib.seed,
+                degrade=calib.degrade,
+                warn=lambda msg: console.print(f"[yellow]warning:[/] {escape(msg)}", highlight=False, soft_wrap=True),
             )
             cache = None
             if calib.cache_dir is not None:
@@ -307,7 +300,7 @@ def export_bundle(
             bar.advance(task)
 
         start = step("parity: PyTorch fp32 reference vs every artifact on held-out inputs")
-        inputs, inputs_summary = _parity_inputs(staging, calib, parity_count)
+        inputs, inputs_summary = _parity_inputs(staging, calib, face_pool, parity_count)
         reference = run_reference(model, inputs)
         layer_names = [name for name, _ in model.moe_layers()]
         paths = {precision: staging / artifacts[precision].file for precision in wanted}
