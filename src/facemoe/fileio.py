@@ -28,7 +28,7 @@ def check_output(
     target = Path(path)
     resolved = target.expanduser().resolve()
     for source in inputs:
-        if source is None or str(source).startswith(("rtsp://", "rtmp://", "http://", "https://")):
+        if source is None or "://" in str(source):  # URLs (streams) are no local file
             continue
         if Path(source).expanduser().resolve() == resolved:
             raise OutputError(f"{target}: output is the same file as the input {source}; choose another path")
@@ -38,7 +38,19 @@ def check_output(
         raise OutputError(f"{target}: already exists (pass --overwrite to replace it)")
     if not target.parent.exists():
         raise OutputError(f"{target}: directory {target.parent} does not exist")
+    _check_writable(target)
     return target
+
+
+def _check_writable(target: Path) -> None:
+    """Create and remove a file beside ``target``, so the real cause (read-only file system, permission
+    denied) is reported before any work; writers such as OpenCV's only say that they failed."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe", dir=target.parent)
+    except OSError as exc:
+        raise OutputError(f"{target}: cannot write in {target.parent}: {exc.strerror or exc}") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
