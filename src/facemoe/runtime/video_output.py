@@ -26,13 +26,29 @@ def video_problem(path: str | Path, frames: int) -> str | None:
         count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
         if count > 0 and count != frames:
             return f"the video file holds {count} of {frames} frames"
+        # Seeking to the last frame is quick; a file cut short fails it (or OpenCV ignores the seek and the
+        # position does not move), and only then are the frames counted one by one.
         cap.set(cv2.CAP_PROP_POS_FRAMES, max(0, frames - 1))
         ok, _ = cap.read()
-        if not ok:
-            return "the video file is cut short (its last frames cannot be decoded)"
+        if ok and int(cap.get(cv2.CAP_PROP_POS_FRAMES)) == frames:
+            return None
     finally:
         cap.release()
+    decoded = _count_frames(path, frames)
+    if decoded < frames:
+        return f"the video file is cut short ({decoded} of {frames} frames decode)"
     return None
+
+
+def _count_frames(path: Path, limit: int) -> int:
+    cap = cv2.VideoCapture(str(path))
+    count = 0
+    try:
+        while count < limit and cap.grab():
+            count += 1
+    finally:
+        cap.release()
+    return count
 
 
 def partial_name(target: str | Path, pid: int | None = None) -> Path:
