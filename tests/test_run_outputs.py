@@ -7,11 +7,13 @@ that allows it); the file-layer variant, a write that fails with ENOSPC part-way
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -120,6 +122,19 @@ def test_default_events_file_is_new_and_announced(tmp_path: Path, tiny_bundle: P
     assert len(made) == 1 and f"events: {made[0]}" in " ".join(stderr.split())
     assert read_events(made[0])[-1]["frames"] == 4
     assert taken.read_text() == "older run\n"
+
+
+def test_a_named_pipe_is_written_without_overwrite(tmp_path: Path, tiny_bundle: Path) -> None:
+    """A log shipper's FIFO holds no data to lose: it needs no --overwrite."""
+    fifo = tmp_path / "events.fifo"
+    os.mkfifo(fifo)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(fifo.open(encoding="utf-8").read().splitlines()))
+    reader.start()
+    code, stderr = _run(["--video", SAMPLE_VIDEO, "--bundle", tiny_bundle, "--max-frames", "3", "--out", fifo])
+    reader.join(timeout=30)
+    assert code == 0, stderr
+    assert json.loads(lines[0])["event"] == "run_started" and json.loads(lines[-1])["frames"] == 3
 
 
 def test_read_only_output_directory_names_the_real_cause(read_only_dir: Path, tiny_bundle: Path) -> None:

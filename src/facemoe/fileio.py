@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,12 +35,19 @@ def check_output(
             raise OutputError(f"{target}: output is the same file as the input {source}; choose another path")
     if target.is_dir():
         raise OutputError(f"{target}: is a directory, expected a file path")
+    if target.exists() and _is_stream(target):
+        return target  # a FIFO or device (a log shipper's pipe, /dev/stdout) holds no data to lose
     if target.exists() and not overwrite:
         raise OutputError(f"{target}: already exists (pass --overwrite to replace it)")
     if not target.parent.exists():
         raise OutputError(f"{target}: directory {target.parent} does not exist")
     _check_writable(target)
     return target
+
+
+def _is_stream(path: Path) -> bool:
+    mode = path.stat().st_mode
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
 
 
 def _check_writable(target: Path) -> None:

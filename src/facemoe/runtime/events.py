@@ -85,6 +85,8 @@ class EventWriter:
                 raise InputError(f"{target}: is a directory, expected an events file path")
             target.parent.mkdir(parents=True, exist_ok=True)
             flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+            if target.exists() and not target.is_file():
+                flags = os.O_WRONLY  # a FIFO or device (a log shipper's pipe) is written to, not replaced
             try:
                 self._fd = os.open(target, flags, 0o666)
             except FileExistsError:
