@@ -18,10 +18,10 @@ from typing import Annotated, Any
 import typer
 from rich.live import Live
 from rich.markup import escape
-from rich.table import Table
 
 from facemoe.cli.common import EXIT_INTERRUPTED, EXIT_USER_ERROR, OverwriteOption, console, user_errors
 from facemoe.cli.run_checks import BackendName, Precision, check_finite, check_parity, check_video_spec, plan_outputs
+from facemoe.cli.run_display import live_table, summary, totals
 from facemoe.errors import FaceMoEError
 
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -120,43 +120,6 @@ def _sigterm_as_interrupt() -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def _live_table(stats: Any, backend: str, tracks: list[Any]) -> Table:
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
-    dropped = stats.source.dropped
-    table.add_row("frames", f"{stats.frames}" + (f"  (dropped {dropped})" if dropped else ""))
-    table.add_row("fps", f"{stats.fps:.1f}")
-    table.add_row("faces/s", f"{stats.faces_per_second:.1f}  (embedded {stats.faces_embedded})")
-    names = escape(", ".join(f"#{t.track_id} {t.identity or '…'}" for t in tracks[:8]))
-    table.add_row("tracks", f"{len(tracks)} active, {stats.tracks} total" + (f"  [{names}]" if names else ""))
-    table.add_row("backend", escape(backend))
-    return table
-
-
-def _summary(stats: Any) -> Table:
-    table = Table(title="facemoe-run summary", title_justify="left")
-    table.add_column("stage")
-    table.add_column("total s", justify="right")
-    table.add_column("ms / frame", justify="right")
-    table.add_column("share", justify="right")
-    total = sum(stats.stage_seconds.values()) or 1.0
-    frames = max(1, stats.frames)
-    for stage, seconds in stats.stage_seconds.items():
-        table.add_row(stage, f"{seconds:.3f}", f"{1000 * seconds / frames:.2f}", f"{100 * seconds / total:.0f}%")
-    table.add_row("wall", f"{stats.wall_seconds:.3f}", f"{1000 * stats.wall_seconds / frames:.2f}", "")
-    return table
-
-
-def _totals(stats: Any, events: Any, backend: str) -> str:
-    mean_batch = stats.faces_embedded / stats.batches if stats.batches else 0.0
-    return (
-        f"{stats.frames} frames at {stats.fps:.1f} fps; {stats.faces} faces ({stats.faces_per_second:.1f}/s); "
-        f"{stats.faces_embedded} embedded in {stats.batches} batches (mean {mean_batch:.1f}); "
-        f"{stats.tracks} tracks; {sum(events.counts.values())} events; backend {backend}"
-    )
-
-
 @app.command()
 @user_errors
 def run(
@@ -251,7 +214,7 @@ def run(
         raise FaceMoEError("pass --bundle DIR (made with facemoe-export), or --demo to try it without one")
     if video is None and not demo:
         raise FaceMoEError("pass --video FILE|URL|WEBCAM_INDEX, or --demo to use the packaged sample video")
-    # Ranges are checked by typer (and shown in --help); NaN slips through every comparison.
+    # Ranges are checked by typer (and shown in --help); infinity passes a range open on one side.
     if det_threshold in (0.0, 1.0):
         raise FaceMoEError(f"--det-threshold must be between 0 and 1 (exclusive), got {det_threshold:g}")
     check_finite(
@@ -291,15 +254,13 @@ def run(
 
         bundle_dir = bundle if bundle is not None else ensure_demo_bundle()
         loaded = Bundle(bundle_dir)
-        warnings = []
-        if precision is not None:
-            warnings.append(check_parity(loaded, precision.value, allow_failed_parity))
         wanted = precision.value if precision is not None else None
+        if wanted is not None:  # refused before the model is loaded
+            check_parity(loaded, wanted, allow_failed_parity)
         engine = open_backend(loaded, backend.value, wanted, max_batch=max_batch, threads=threads)
         stack.callback(engine.close)
-        if precision is None:  # the backend chose: check its choice
-            warnings.append(check_parity(loaded, engine.precision, allow_failed_parity))
-        warnings = [w for w in warnings if w is not None]
+        parity_warning = check_parity(loaded, engine.precision, allow_failed_parity)  # also what auto chose
+        warnings = [parity_warning] if parity_warning is not None else []
         # The detector reports weaker faces too: they only extend existing tracks (see runtime.tracking).
         face_detector = RetinaFaceDetector(
             detector, score_threshold=min(0.3, det_threshold), max_side=det_size, threads=threads
@@ -377,7 +338,7 @@ def run(
             now = time.monotonic()
             if live is not None and now - last_draw >= 0.25:
                 last_draw = now
-                live.update(_live_table(stats, backend_text, tracker.active))
+                live.update(live_table(stats, backend_text, tracker.active))
 
         source_error: str | None = None
         with _sigterm_as_interrupt(), live if live is not None else contextlib.nullcontext():
@@ -389,10 +350,10 @@ def run(
                 source_error, stats = str(exc), pipeline.stats
         if pipeline.video_path is not None and annotator is not None:
             console.print(f"annotated video: {escape(str(pipeline.video_path))} ({annotator.frames} frames)")
-        console.print(_summary(stats))
+        console.print(summary(stats))
         if source.live:
             console.print("(decode runs in a background thread on live sources, beside the other stages)")
-        console.print(escape(_totals(stats, events, backend_text)), highlight=False)
+        console.print(escape(totals(stats, events, backend_text)), highlight=False)
         if stats.frames == 0:
             console.print("[yellow]warning:[/] no frame could be processed", highlight=False)
         elif stats.faces == 0:
