@@ -24,7 +24,7 @@ from facemoe.cli.run_cmd import app as run_app
 from facemoe.errors import OutputError
 from facemoe.runtime import events as events_module
 from facemoe.runtime.events import EventWriter, default_events_path
-from facemoe.runtime.video_output import partial_name
+from facemoe.runtime.video_output import partial_name, video_problem
 
 from runtime_fixtures import SAMPLE_VIDEO, error_lines, invoke, read_events, read_video, write_video
 
@@ -279,3 +279,18 @@ def test_a_run_that_dies_still_ends_its_events(tmp_path: Path, tiny_bundle: Path
     assert events[-1]["error"] == "RuntimeError: decoder crashed" and events[-1]["frames"] == 10
     ended = [e for e in events if e["event"] == "track_ended"]
     assert len(ended) == 1 and ended[0]["reason"] == "error"
+
+
+@pytest.mark.parametrize(("suffix", "fourcc"), [(".mp4", "mp4v"), (".avi", "MJPG"), (".mkv", "MJPG")])
+def test_video_check_finds_files_cut_short(tmp_path: Path, suffix: str, fourcc: str) -> None:
+    frames = read_video(Path(SAMPLE_VIDEO))[:30]
+    whole = write_video(tmp_path / f"whole{suffix}", frames, fourcc=fourcc)
+    assert video_problem(whole, 30) is None
+    assert video_problem(whole, 29) is None, "one frame more than counted (Ctrl-C inside a write) is whole"
+    assert video_problem(whole, 40) is not None
+    data = whole.read_bytes()
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(data[: len(data) * 8 // 10])
+    assert video_problem(cut, 30) is not None
+    (tmp_path / f"empty{suffix}").write_bytes(b"")
+    assert video_problem(tmp_path / f"empty{suffix}", 30) == "the video file is empty"
