@@ -187,3 +187,10 @@ def test_info_verifies_every_artifact(tiny_bundle: Path, tmp_path: Path) -> None
     assert f"{broken / 'model.fp16.onnx'}: artifact listed in the manifest is missing" in line
     assert f"{broken / 'model.fp32.onnx'}: sha256" in line and "does not match the manifest" in line
     assert "BROKEN" in " ".join(invoke(main_app, ["info", broken]).stdout.split())
+
+    with_engine = tmp_path / "with_engine"
+    shutil.copytree(tiny_bundle, with_engine)
+    manifest = json.loads((with_engine / "manifest.json").read_text())
+    manifest["engines"] = [{"file": "engines/gone.engine", "sha256": "0" * 64, "precision": "fp16"}]
+    (with_engine / "manifest.json").write_text(json.dumps(manifest))
+    _fails(main_app, ["info", with_engine], f"{with_engine / 'engines/gone.engine'}: engine listed in the manifest")
