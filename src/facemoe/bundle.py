@@ -151,6 +151,10 @@ class Bundle:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         manifest_path = self.root / MANIFEST_NAME
+        if self.root.exists() and not self.root.is_dir():
+            raise BundleError(
+                f"{self.root}: not a bundle directory (it is a file); pass the directory facemoe-export made"
+            )
         if not self.root.is_dir():
             raise BundleError(f"{self.root}: bundle directory does not exist")
         if not manifest_path.is_file():
@@ -193,3 +197,32 @@ class Bundle:
                     "the file was modified or corrupted"
                 )
         return path
+
+    def parity_failure(self, precision: str) -> str | None:
+        """Why ``precision``'s artifact failed the parity check recorded at export; None if it passed.
+
+        ``facemoe-export --no-gate`` writes a bundle even when a gate is missed; the verdict stays in the
+        artifact's ``parity`` entry (``passed``, ``failures``). An artifact without a record is not refused.
+        """
+        parity = self.artifact(precision).parity
+        if not parity or parity.get("passed", True):
+            return None
+        failures = [str(f) for f in parity.get("failures") or []]
+        return "; ".join(failures) or "the parity gate was missed"
+
+    def verify(self) -> list[str]:
+        """Problems of every file the manifest lists (artifacts, external weights, engines): missing or
+        modified (sha256). An empty list means the bundle is intact."""
+        problems = []
+        for precision in self.precisions:
+            try:
+                self.artifact_path(precision, verify=True)
+            except BundleError as exc:
+                problems.append(str(exc))
+        for engine in self.manifest.engines:
+            path = self.root / str(engine.get("file", ""))
+            if not path.is_file():
+                problems.append(f"{path}: engine listed in the manifest is missing")
+            elif engine.get("sha256") and sha256_file(path) != engine["sha256"]:
+                problems.append(f"{path}: sha256 does not match the manifest; the engine was modified or corrupted")
+        return problems

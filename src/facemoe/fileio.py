@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,17 +29,36 @@ def check_output(
     target = Path(path)
     resolved = target.expanduser().resolve()
     for source in inputs:
-        if source is None or str(source).startswith(("rtsp://", "rtmp://", "http://", "https://")):
+        if source is None or "://" in str(source):  # URLs (streams) are no local file
             continue
         if Path(source).expanduser().resolve() == resolved:
             raise OutputError(f"{target}: output is the same file as the input {source}; choose another path")
     if target.is_dir():
         raise OutputError(f"{target}: is a directory, expected a file path")
+    if target.exists() and _is_stream(target):
+        return target  # a FIFO or device (a log shipper's pipe, /dev/stdout) holds no data to lose
     if target.exists() and not overwrite:
         raise OutputError(f"{target}: already exists (pass --overwrite to replace it)")
     if not target.parent.exists():
         raise OutputError(f"{target}: directory {target.parent} does not exist")
+    _check_writable(target)
     return target
+
+
+def _is_stream(path: Path) -> bool:
+    mode = path.stat().st_mode
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
+
+
+def _check_writable(target: Path) -> None:
+    """Create and remove a file beside ``target``, so the real cause (read-only file system, permission
+    denied) is reported before any work; writers such as OpenCV's only say that they failed."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe", dir=target.parent)
+    except OSError as exc:
+        raise OutputError(f"{target}: cannot write in {target.parent}: {exc.strerror or exc}") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:

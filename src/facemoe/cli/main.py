@@ -89,17 +89,22 @@ def parity(
 @app.command()
 @user_errors
 def info(bundle: Annotated[Path, typer.Argument(help="Bundle directory.")]) -> None:
-    """Show what a bundle holds: model, artifacts, parity, engines."""
+    """Show what a bundle holds (model, artifacts, parity, engines) and check every file's presence and sha256.
+
+    Exits 2 when a listed file is missing or modified.
+    """
     from rich.table import Table
 
     from facemoe.bundle import Bundle
+    from facemoe.errors import BundleError
 
     loaded = Bundle(bundle)
+    problems = loaded.verify()
     m = loaded.manifest
     console.print(
         f"model: {m.model.get('config')}  k={m.routing.get('k')}  random weights: {m.model.get('random_weights')}"
     )
-    table = Table("artifact", "file", "opset", "cos mean", "cos min", "routing min", "parity")
+    table = Table("artifact", "file", "opset", "cos mean", "cos min", "routing min", "parity", "files")
     for precision in loaded.precisions:
         art = loaded.artifact(precision)
         p = art.parity
@@ -111,10 +116,14 @@ def info(bundle: Annotated[Path, typer.Argument(help="Bundle directory.")]) -> N
             f"{p.get('cosine_min', float('nan')):.6f}",
             f"{p.get('routing_agreement_min') or float('nan'):.4f}",
             "pass" if p.get("passed") else "FAIL",
+            "BROKEN" if any(str(loaded.root / art.file) in problem for problem in problems) else "ok",
         )
     out.print(table)
     for engine in m.engines:
         out.print(f"engine: {engine}")
+    if problems:
+        raise BundleError(f"{bundle}: broken bundle: " + "; ".join(problems))
+    console.print(f"[green]verified[/] {len(loaded.precisions)} artifacts, {len(m.engines)} engines (sha256)")
 
 
 def _unavailable(name: str, module: str, exc: ImportError) -> Callable[..., None]:

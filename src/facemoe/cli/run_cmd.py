@@ -18,9 +18,10 @@ from typing import Annotated, Any
 import typer
 from rich.live import Live
 from rich.markup import escape
-from rich.table import Table
 
-from facemoe.cli.common import EXIT_INTERRUPTED, EXIT_USER_ERROR, console, user_errors
+from facemoe.cli.common import EXIT_INTERRUPTED, EXIT_USER_ERROR, OverwriteOption, console, user_errors
+from facemoe.cli.run_checks import BackendName, Precision, check_finite, check_parity, check_video_spec, plan_outputs
+from facemoe.cli.run_display import live_table, summary, totals
 from facemoe.demo import ensure_demo_bundle
 from facemoe.errors import FaceMoEError
 
@@ -59,57 +60,21 @@ def _quiet_opencv() -> None:
 
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (systemd stop, docker stop) ends the run as cleanly as Ctrl-C."""
+    """SIGTERM (systemd stop, docker stop) and SIGHUP (closed terminal) end the run as cleanly as Ctrl-C."""
 
     def handler(_signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt
 
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
     except ValueError:  # not the main thread (e.g. under a test runner thread)
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _live_table(stats: Any, backend: str, tracks: list[Any]) -> Table:
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
-    dropped = stats.source.dropped
-    table.add_row("frames", f"{stats.frames}" + (f"  (dropped {dropped})" if dropped else ""))
-    table.add_row("fps", f"{stats.fps:.1f}")
-    table.add_row("faces/s", f"{stats.faces_per_second:.1f}  (embedded {stats.faces_embedded})")
-    names = escape(", ".join(f"#{t.track_id} {t.identity or '…'}" for t in tracks[:8]))
-    table.add_row("tracks", f"{len(tracks)} active, {stats.tracks} total" + (f"  [{names}]" if names else ""))
-    table.add_row("backend", escape(backend))
-    return table
-
-
-def _summary(stats: Any) -> Table:
-    table = Table(title="facemoe-run summary", title_justify="left")
-    table.add_column("stage")
-    table.add_column("total s", justify="right")
-    table.add_column("ms / frame", justify="right")
-    table.add_column("share", justify="right")
-    total = sum(stats.stage_seconds.values()) or 1.0
-    frames = max(1, stats.frames)
-    for stage, seconds in stats.stage_seconds.items():
-        table.add_row(stage, f"{seconds:.3f}", f"{1000 * seconds / frames:.2f}", f"{100 * seconds / total:.0f}%")
-    table.add_row("wall", f"{stats.wall_seconds:.3f}", f"{1000 * stats.wall_seconds / frames:.2f}", "")
-    return table
-
-
-def _totals(stats: Any, events: Any, backend: str) -> str:
-    mean_batch = stats.faces_embedded / stats.batches if stats.batches else 0.0
-    return (
-        f"{stats.frames} frames at {stats.fps:.1f} fps; {stats.faces} faces ({stats.faces_per_second:.1f}/s); "
-        f"{stats.faces_embedded} embedded in {stats.batches} batches (mean {mean_batch:.1f}); "
-        f"{stats.tracks} tracks; {sum(events.counts.values())} events; backend {backend}"
-    )
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 @app.command()
@@ -121,45 +86,74 @@ def run(
     ] = None,
     bundle: Annotated[Path | None, typer.Option(help="Bundle directory made by facemoe-export.")] = None,
     gallery: Annotated[Path | None, typer.Option(help="Gallery .npz made by 'facemoe enroll'.")] = None,
-    out: Annotated[str | None, typer.Option("--out", "-o", help="JSON Lines events file ('-' for stdout).")] = None,
-    save_video: Annotated[Path | None, typer.Option(help="Write an annotated video (.mp4 / .avi / .mkv).")] = None,
-    backend: Annotated[str, typer.Option(help="auto, tensorrt, onnxruntime or torch.")] = "auto",
-    precision: Annotated[
-        str | None, typer.Option(help="fp32, fp16 or int8 (default: the fastest the backend runs well).")
+    out: Annotated[
+        str | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="JSON Lines events file ('-' for stdout). Default: a new events-<date>-<time>.jsonl here.",
+        ),
     ] = None,
+    save_video: Annotated[
+        Path | None, typer.Option(help="Write an annotated video (.mp4 / .m4v / .mov / .avi / .mkv).")
+    ] = None,
+    overwrite: bool = OverwriteOption,
+    backend: Annotated[BackendName, typer.Option(help="Inference backend.")] = BackendName.auto,
+    precision: Annotated[
+        Precision | None, typer.Option(help="Model precision (default: the fastest the backend runs well).")
+    ] = None,
+    allow_failed_parity: Annotated[
+        bool,
+        typer.Option(
+            "--allow-failed-parity", help="Run an artifact whose export parity check failed (warned in the events)."
+        ),
+    ] = False,
     demo: Annotated[
         bool, typer.Option("--demo", help="No bundle/video needed: tiny random-weight model and the sample video.")
     ] = False,
     detector: Annotated[
         Path | None, typer.Option(help="Your own RetinaFace-style detector ONNX (default: MobileNet-0.25).")
     ] = None,
-    det_threshold: Annotated[float, typer.Option(help="Detection score to start tracks and embed faces.")] = 0.5,
-    det_size: Annotated[int, typer.Option(help="Longer side frames are downscaled to for detection.")] = 640,
-    threshold: Annotated[float, typer.Option(help="Open-set cosine threshold; below it a face is 'unknown'.")] = 0.4,
-    min_eye_distance: Annotated[float, typer.Option(help="Skip faces with a smaller eye distance (px).")] = 8.0,
-    embed_every: Annotated[int, typer.Option(help="Embed a track at most every N frames until confident.")] = 5,
+    det_threshold: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="Detection score to start tracks and embed faces (0 < x < 1)."),
+    ] = 0.5,
+    det_size: Annotated[int, typer.Option(min=32, help="Longer side frames are downscaled to for detection.")] = 640,
+    threshold: Annotated[
+        float, typer.Option(min=-1.0, max=1.0, help="Open-set cosine threshold; below it a face is 'unknown'.")
+    ] = 0.4,
+    min_eye_distance: Annotated[
+        float, typer.Option(min=0.0, help="Skip faces with a smaller eye distance (px).")
+    ] = 8.0,
+    embed_every: Annotated[int, typer.Option(min=1, help="Embed a track at most every N frames until confident.")] = 5,
     max_embeddings: Annotated[
-        int, typer.Option(help="Embeddings per track before it is only re-checked every 60 frames.")
+        int, typer.Option(min=1, help="Embeddings per track before it is only re-checked every 60 frames.")
     ] = 20,
-    max_batch: Annotated[int, typer.Option(help="Largest embedding batch (faces across frames).")] = 32,
+    max_batch: Annotated[int, typer.Option(min=1, help="Largest embedding batch (faces across frames).")] = 32,
     max_latency_ms: Annotated[
-        float | None, typer.Option(help="Longest a face waits for its batch (default: 100 live, 1000 files).")
+        float | None,
+        typer.Option(min=0.0, help="Longest a face waits for its batch (default: 100 live, 1000 files)."),
     ] = None,
     flip: Annotated[bool, typer.Option("--flip", help="Also embed the mirrored face (flip test, 2x cost).")] = False,
     realtime: Annotated[
         bool, typer.Option("--realtime", help="Play a file at its frame rate, dropping frames like a camera.")
     ] = False,
-    max_frames: Annotated[int | None, typer.Option(help="Stop after this many frames.")] = None,
-    max_age: Annotated[int, typer.Option(help="Frames a track survives without a detection.")] = 30,
-    reconnect_attempts: Annotated[int, typer.Option(help="Reconnects of a lost stream (-1: forever).")] = 10,
+    max_frames: Annotated[int | None, typer.Option(min=1, help="Stop after this many frames.")] = None,
+    max_age: Annotated[int, typer.Option(min=0, help="Frames a track survives without a detection.")] = 30,
+    reconnect_attempts: Annotated[int, typer.Option(min=-1, help="Reconnects of a lost stream (-1: forever).")] = 10,
     embeddings: Annotated[
         bool, typer.Option("--embeddings", help="Put each track's identity vector in its track_ended event.")
     ] = False,
-    threads: Annotated[int | None, typer.Option(help="CPU threads per ONNX Runtime session.")] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="CPU threads per ONNX Runtime session (default: all cores).")
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live display.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Keep OpenCV / FFmpeg diagnostics.")] = False,
 ) -> None:
-    """Detect, track and recognise faces in a video; write events (and optionally an annotated video)."""
+    """Detect, track and recognise faces in a video; write events (and optionally an annotated video).
+
+    Events go to --out, else to a new events-<date>-<time>.jsonl here; --overwrite replaces existing outputs.
+    """
     if not verbose:
         _quiet_opencv()
     from facemoe.bundle import Bundle
@@ -177,11 +171,31 @@ def run(
         raise FaceMoEError("pass --bundle DIR (made with facemoe-export), or --demo to try it without one")
     if video is None and not demo:
         raise FaceMoEError("pass --video FILE|URL|WEBCAM_INDEX, or --demo to use the packaged sample video")
-    for name, value in (("--max-batch", max_batch), ("--embed-every", embed_every), ("--det-size", det_size)):
-        if value < 1:
-            raise FaceMoEError(f"{name} must be at least 1, got {value}")
-    if not 0.0 < det_threshold < 1.0:
-        raise FaceMoEError(f"--det-threshold must be between 0 and 1, got {det_threshold}")
+    # Ranges are checked by typer (and shown in --help); infinity passes a range open on one side.
+    if det_threshold in (0.0, 1.0):
+        raise FaceMoEError(f"--det-threshold must be between 0 and 1 (exclusive), got {det_threshold:g}")
+    check_finite(
+        det_threshold=det_threshold,
+        threshold=threshold,
+        min_eye_distance=min_eye_distance,
+        max_latency_ms=max_latency_ms,
+    )
+    if video is not None:
+        check_video_spec(video)
+    out = plan_outputs(
+        video=video,
+        out=out,
+        save_video=save_video,
+        gallery=gallery,
+        detector=detector,
+        bundle=bundle,
+        overwrite=overwrite,
+    )
+    if save_video is not None:
+        from facemoe.runtime.video_output import remove_stale_partials
+
+        for stale in remove_stale_partials(save_video):
+            console.print(f"removed {escape(str(stale))} (left by a run that was killed)", highlight=False)
 
     with contextlib.ExitStack() as stack:
         if video is None:
@@ -197,8 +211,13 @@ def run(
 
         bundle_dir = bundle if bundle is not None else ensure_demo_bundle()
         loaded = Bundle(bundle_dir)
-        engine = open_backend(loaded, backend, precision, max_batch=max_batch, threads=threads)
+        wanted = precision.value if precision is not None else None
+        if wanted is not None:  # refused before the model is loaded
+            check_parity(loaded, wanted, allow_failed_parity)
+        engine = open_backend(loaded, backend.value, wanted, max_batch=max_batch, threads=threads)
         stack.callback(engine.close)
+        parity_warning = check_parity(loaded, engine.precision, allow_failed_parity)  # also what auto chose
+        warnings = [parity_warning] if parity_warning is not None else []
         # The detector reports weaker faces too: they only extend existing tracks (see runtime.tracking).
         face_detector = RetinaFaceDetector(
             detector, score_threshold=min(0.3, det_threshold), max_side=det_size, threads=threads
@@ -212,7 +231,7 @@ def run(
         if save_video is not None:
             annotator = VideoAnnotator(save_video, source.fps, (source.width, source.height))
             stack.callback(annotator.close)
-        events = EventWriter(out)
+        events = EventWriter(out, overwrite=overwrite)
         stack.callback(events.close)
 
         latency = max_latency_ms if max_latency_ms is not None else (100.0 if source.live else 1000.0)
@@ -260,7 +279,12 @@ def run(
             "gallery_size": len(known) if known is not None else 0,
             "threshold": threshold,
             "random_weights": bool(loaded.manifest.model.get("random_weights")),
+            "warnings": warnings,
         }
+        for warning in warnings:
+            console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False)
+        if out != "-":
+            console.print(f"events: {escape(out)}", highlight=False)
 
         show_live = console.is_terminal and not quiet
         live = Live(console=console, refresh_per_second=4, transient=True) if show_live else None
@@ -271,7 +295,7 @@ def run(
             now = time.monotonic()
             if live is not None and now - last_draw >= 0.25:
                 last_draw = now
-                live.update(_live_table(stats, backend_text, tracker.active))
+                live.update(live_table(stats, backend_text, tracker.active))
 
         source_error: str | None = None
         with _sigterm_as_interrupt(), live if live is not None else contextlib.nullcontext():
@@ -281,14 +305,12 @@ def run(
                 )
             except FaceMoEError as exc:
                 source_error, stats = str(exc), pipeline.stats
-        if annotator is not None:
-            written = annotator.close()
-            if written is not None:
-                console.print(f"annotated video: {escape(str(written))} ({annotator.frames} frames)")
-        console.print(_summary(stats))
+        if pipeline.video_path is not None and annotator is not None:
+            console.print(f"annotated video: {escape(str(pipeline.video_path))} ({annotator.frames} frames)")
+        console.print(summary(stats))
         if source.live:
             console.print("(decode runs in a background thread on live sources, beside the other stages)")
-        console.print(escape(_totals(stats, events, backend_text)), highlight=False)
+        console.print(escape(totals(stats, events, backend_text)), highlight=False)
         if stats.frames == 0:
             console.print("[yellow]warning:[/] no frame could be processed", highlight=False)
         elif stats.faces == 0:
@@ -307,7 +329,7 @@ def run(
                 "(truncated or damaged)",
                 highlight=False,
             )
-        if out is not None and out != "-":
+        if out != "-":
             console.print(f"events: {escape(out)}", highlight=False)
         if source_error is not None:
             console.print(f"[bold red]error:[/] {escape(source_error)}", highlight=False, soft_wrap=True)

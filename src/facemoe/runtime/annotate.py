@@ -13,9 +13,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from facemoe.errors import InputError
+from facemoe.errors import InputError, OutputError
 from facemoe.runtime.gallery import UNKNOWN
 from facemoe.runtime.tracking import Track
+from facemoe.runtime.video_output import partial_name, video_problem
 
 _FOURCC_BY_SUFFIX = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
 
@@ -109,7 +110,7 @@ class VideoAnnotator:
             raise InputError(f"{self.path}: is a directory, expected a video file path")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # The temporary name keeps the extension: OpenCV picks the container from it.
-        self.tmp = self.path.with_name(f".{self.path.stem}.partial-{os.getpid()}{suffix}")
+        self.tmp = partial_name(self.path)
         self.size = size
         self.fps = fps if fps and fps > 0 else 25.0
         fourcc = cv2.VideoWriter.fourcc(*_FOURCC_BY_SUFFIX[suffix])
@@ -133,6 +134,11 @@ class VideoAnnotator:
         self.writer.release()
         self.writer = None  # type: ignore[assignment]
         if keep and self.frames:
+            # The writer reports no errors (a full disk): publish the file only if it plays to the end.
+            problem = video_problem(self.tmp, self.frames)
+            if problem is not None:
+                self.tmp.unlink(missing_ok=True)
+                raise OutputError(f"{self.path}: not written, {problem} (disk full?)")
             os.replace(self.tmp, self.path)
             return self.path
         self.tmp.unlink(missing_ok=True)

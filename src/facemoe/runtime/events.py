@@ -1,23 +1,29 @@
-"""JSON Lines event output (schema in docs/EVENTS.md), one object per line, flushed as written.
+"""JSON Lines event output (schema in docs/EVENTS.md), one object per line, written as it happens.
 
-Flushing each line lets ``tail -f`` and log shippers follow a live run, and leaves a valid file up to the
-last complete line if the process is killed.
+Each line goes to the file in one unbuffered write, so ``tail -f`` and log shippers follow a live run and a
+killed process leaves a valid file up to its last line. A write that fails part-way (a full disk) is cut
+back to the previous line: every line of an events file is a complete JSON object, or absent.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import sys
+import time
 from collections import Counter
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
-from facemoe.errors import InputError
+from facemoe.errors import InputError, OutputError
 
 SCHEMA_VERSION = 1
+# The file layer every events line goes through (tests put a full disk here).
+_os_write = os.write
 
 
 def _plain(value: Any) -> Any:
@@ -46,36 +52,94 @@ def face_fields(frame: int, timestamp: float, box: np.ndarray, landmarks: np.nda
     }
 
 
-class EventWriter:
-    """Writes events to a file, to stdout (``-``), or nowhere (``None``, still counted)."""
+def default_events_path(directory: str | Path = ".", now: float | None = None) -> Path:
+    """``events-YYYYmmdd-HHMMSS.jsonl`` in ``directory`` (``-2``, ``-3``... when taken): never an existing file."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    base = Path(directory) / f"events-{stamp}"
+    path, n = base.with_suffix(".jsonl"), 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}.jsonl")
+    return path
 
-    def __init__(self, path: str | Path | None) -> None:
+
+class EventWriter:
+    """Writes events to a file, to stdout (``-``), or nowhere (``None``, still counted).
+
+    The first failed write raises ``OutputError`` so the run stops; afterwards events are only counted
+    (``lost``), except ``run_ended``, which is still tried so the file says how the run ended when space
+    allows. ``overwrite=False`` refuses an existing file at open time (exclusive create).
+    """
+
+    def __init__(self, path: str | Path | None, *, overwrite: bool = True) -> None:
         self.path = None if path is None else str(path)
         self.counts: Counter[str] = Counter()
-        self._handle: IO[str] | None = None
-        self._owns = False
-        if self.path == "-":
-            self._handle = sys.stdout
-        elif self.path is not None:
+        self.lost = 0
+        self.error: str | None = None
+        self._fd: int | None = None
+        self._offset = 0
+        self._stdout = self.path == "-"
+        if self.path is not None and not self._stdout:
             target = Path(self.path)
             if target.is_dir():
                 raise InputError(f"{target}: is a directory, expected an events file path")
             target.parent.mkdir(parents=True, exist_ok=True)
-            self._handle = open(target, "w", encoding="utf-8")  # noqa: SIM115 - lives as long as the run
-            self._owns = True
+            flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+            if target.exists() and not target.is_file():
+                flags = os.O_WRONLY  # a FIFO or device (a log shipper's pipe) is written to, not replaced
+            try:
+                self._fd = os.open(target, flags, 0o666)
+            except FileExistsError:
+                raise OutputError(f"{target}: already exists (pass --overwrite to replace it)") from None
+            except OSError as exc:
+                raise OutputError(f"{target}: cannot create the events file: {exc.strerror}") from None
 
     def emit(self, event: str, **fields: Any) -> dict[str, Any]:
         record = {"event": event, **_plain(fields)}
         self.counts[event] += 1
-        if self._handle is not None:
-            self._handle.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
-            self._handle.flush()
+        if self.error is not None and event != "run_ended":
+            self.lost += 1
+            return record
+        line = json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n"
+        try:
+            self._write(line)
+        except OSError as exc:
+            self.lost += 1
+            first = self.error is None
+            self.error = f"{self.path if not self._stdout else 'stdout'}: cannot write events: {exc.strerror or exc}"
+            if first:
+                raise OutputError(self.error + "; every line written before is complete") from None
         return record
 
+    def _write(self, line: str) -> None:
+        if self._stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            return
+        if self._fd is None:
+            return
+        data = memoryview(line.encode("utf-8"))
+        done = 0
+        try:
+            while done < len(data):
+                written = _os_write(self._fd, data[done:])
+                if written == 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                done += written
+        except OSError:
+            # Cut a partly written line back off: the file keeps only complete lines.
+            try:
+                os.ftruncate(self._fd, self._offset)
+                os.lseek(self._fd, self._offset, os.SEEK_SET)
+            except OSError:
+                pass
+            raise
+        self._offset += done
+
     def close(self) -> None:
-        if self._handle is not None and self._owns:
-            self._handle.close()
-        self._handle = None
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = None
 
     def __enter__(self) -> EventWriter:
         return self
@@ -84,4 +148,4 @@ class EventWriter:
         self.close()
 
 
-__all__ = ["SCHEMA_VERSION", "EventWriter", "face_fields"]
+__all__ = ["SCHEMA_VERSION", "EventWriter", "default_events_path", "face_fields"]

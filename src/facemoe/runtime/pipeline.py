@@ -16,12 +16,13 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from facemoe.bundle import ARCFACE_TEMPLATE_112
-from facemoe.errors import InputError
+from facemoe.errors import InputError, OutputError
 from facemoe.preprocess import flip_batch, preprocess_face
 from facemoe.runtime.aggregation import RecognitionBudget
 from facemoe.runtime.alignment import align_face
@@ -157,6 +158,7 @@ class Pipeline:
         # The first tracked frame and its detections, kept until a second frame comes: a one-frame video
         # is reported like a photo.
         self._first: tuple[np.ndarray, Frame, list[Detection]] | None = None
+        self.video_path: Path | None = None  # the annotated video, once run() has finalised it
 
     # -- per frame -----------------------------------------------------------------------------------
     def process(self, frame: Frame) -> None:
@@ -357,6 +359,7 @@ class Pipeline:
         start = time.perf_counter()
         reason = "end_of_stream"
         error: str | None = None
+        failure: Exception | None = None  # re-raised once the events are ended
         try:
             for count, frame in enumerate(frames, start=1):
                 self.process(frame)
@@ -370,8 +373,24 @@ class Pipeline:
             self.stats.interrupted = True
         except InputError as exc:  # a live source that could not be reconnected
             reason, error = "source_error", str(exc)
+        except OutputError as exc:  # events or video could not be written (a full disk)
+            reason, error, failure = "output_error", str(exc), exc
+        except Exception as exc:  # whatever else stops the run, the events still end with run_ended
+            reason, error, failure = "error", f"{type(exc).__name__}: {exc}", exc
         finally:
-            self.finish(reason)
+            try:
+                self.finish(reason)
+            except Exception as exc:
+                if failure is None:
+                    reason, failure = ("output_error" if isinstance(exc, OutputError) else "error"), exc
+                    error = str(exc) if isinstance(exc, OutputError) else f"{type(exc).__name__}: {exc}"
+            # The video is finalised (and checked) before run_ended, so that line says whether it was written.
+            try:
+                self.video_path = self.annotator.close() if self.annotator is not None else None
+            except OutputError as exc:
+                error = f"{error}; {exc}" if error else str(exc)
+                if failure is None:
+                    reason, failure = "output_error", exc
             if source_stats is not None:
                 self.stats.source = source_stats
                 self.timer.seconds["decode"] += source_stats.decode_seconds
@@ -392,6 +411,10 @@ class Pipeline:
                 seconds=self.stats.wall_seconds,
                 stage_seconds=dict(self.timer.seconds),
             )
+        if isinstance(failure, OutputError):
+            raise OutputError(error) from failure  # with the video's fate when both failed
+        if failure is not None:
+            raise failure
         if error is not None:
             raise InputError(error)
         return self.stats

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from facemoe.bundle import Bundle
+from facemoe.errors import BundleError
 from facemoe.runtime.backends.base import Backend, BackendUnavailable
 from facemoe.runtime.int8_cpu import choose_encoding
 from facemoe.runtime.ort_session import create_session
@@ -18,6 +19,39 @@ def bundle_int8_encoding(bundle: Bundle, precision: str) -> str:
         return "auto"
     w7 = bundle.artifact(precision).parity.get("graph_level", {}).get("w7", {})
     return choose_encoding(fast_encoding_passed=bool(w7.get("passed")))
+
+
+def _fixed(dim: object) -> int | None:
+    return dim if isinstance(dim, int) and dim > 0 else None
+
+
+def check_interface(session, bundle: Bundle, path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Refuse a model whose inputs / outputs do not fit the manifest, at load time and naming the file.
+
+    A matching sha256 only proves the file is the one the manifest lists; a hand-edited manifest (another
+    model re-hashed into the bundle) would otherwise fail with an ONNX Runtime traceback mid-run.
+    """
+    m = bundle.manifest
+    size = int(m.preprocessing.get("input_size", 0)) or None
+    problems = []
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1 or inputs[0].name != m.input_name:
+        problems.append(f"inputs {[i.name for i in inputs]}, the manifest says one named {m.input_name!r}")
+    else:
+        shape = list(inputs[0].shape)
+        if len(shape) != 4:
+            problems.append(f"input rank {len(shape)} ({shape}), expected 4 (batch, 3, size, size)")
+        elif _fixed(shape[1]) not in (None, 3) or any(_fixed(d) not in (None, size) for d in shape[2:] if size):
+            problems.append(f"input shape {shape}, the manifest says (batch, 3, {size}, {size})")
+    names = [o.name for o in outputs]
+    if m.output_name not in names:
+        problems.append(f"outputs {names}, the manifest says one named {m.output_name!r}")
+    else:
+        shape = list(outputs[names.index(m.output_name)].shape)
+        if len(shape) != 2 or _fixed(shape[-1]) not in (None, m.embedding_size):
+            problems.append(f"output shape {shape}, the manifest says (batch, {m.embedding_size})")
+    if problems:
+        raise BundleError(f"{path}: does not fit the bundle manifest: {'; '.join(problems)}")
 
 
 class OnnxRuntimeBackend(Backend):
@@ -63,7 +97,7 @@ class OnnxRuntimeBackend(Backend):
     ) -> OnnxRuntimeBackend:
         path = bundle.artifact_path(precision, verify=True)
         custom = bundle.artifact(precision).gating == "plugin"
-        return cls(
+        backend = cls(
             path,
             precision,
             providers,
@@ -73,6 +107,8 @@ class OnnxRuntimeBackend(Backend):
             custom_ops=custom,
             int8_encoding=bundle_int8_encoding(bundle, precision),
         )
+        check_interface(backend.session, bundle, path)
+        return backend
 
     @property
     def embedding_size(self) -> int:
