@@ -9,8 +9,11 @@ from typing import Annotated
 import typer
 
 from facemoe.cli.common import console, out, user_errors
+from facemoe.cli.options import OneLineErrorsGroup
 
-app = typer.Typer(add_completion=False, help="FaceMoE Edge: export, verify, benchmark and run FaceMoE.")
+app = typer.Typer(
+    add_completion=False, help="FaceMoE Edge: export, verify, benchmark and run FaceMoE.", cls=OneLineErrorsGroup
+)
 
 
 @app.command()
@@ -31,7 +34,7 @@ def download(
 def parity(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
     checkpoint: Annotated[Path | None, typer.Option(help="Reference checkpoint (default: the manifest's).")] = None,
-    count: Annotated[int, typer.Option(help="Number of held-out inputs.")] = 32,
+    count: Annotated[int, typer.Option(min=2, help="Number of held-out faces (two views each).")] = 32,
 ) -> None:
     """Re-check every artifact of a bundle against the PyTorch fp32 reference; exit 1 on a missed gate."""
     from facemoe.bundle import Bundle
