@@ -63,14 +63,14 @@ def build_engine(
         bool, typer.Option("--no-timing-cache", help="Neither read nor write engines/timing.cache.")
     ] = False,
     overwrite: bool = OverwriteOption,
+    # The old name of --overwrite, kept working for existing scripts but no longer shown.
     force: Annotated[bool, typer.Option("--force", hidden=True, help="Old name of --overwrite.")] = False,
     device: Annotated[int, typer.Option(min=0, help="CUDA device index.")] = 0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show TensorRT's verbose log.")] = False,
 ) -> None:
     """Build the TensorRT engine for this GPU from the bundle's ONNX and record it in the manifest.
 
-    A matching engine already in the bundle is reused; --overwrite rebuilds and replaces it (--force is the
-    old name of --overwrite and still works).
+    A matching engine already in the bundle is reused; --overwrite rebuilds and replaces it.
     """
     # All of this is checked before TensorRT is loaded or the GPU is probed.
     if not min_batch <= opt_batch <= max_batch:
