@@ -22,8 +22,8 @@ GATE_METRICS: dict[str, tuple[float, float]] = {
     "cosine_min": (-1.0, 1.0),
     "routing_min": (0.0, 1.0),
 }
-# The TorchScript exporter's opset range: 17 keeps LayerNormalization one node (docs/EXPORT.md); torch
-# releases since 2.2 export up to 20 with it.
+# Opsets the export accepts: 17 keeps LayerNormalization one node (onnx_export); 20 is the newest the
+# TorchScript exporter writes (torch 2.14).
 MIN_OPSET, MAX_OPSET = 17, 20
 
 

@@ -1,7 +1,7 @@
 """Option types the commands share: choices as enums (so ``--help`` lists them) and one-line usage errors.
 
 Nothing here imports torch, ONNX or OpenCV: a command checks every value it was given before it loads
-anything heavy, so a typo costs a fraction of a second instead of a model load (docs/EXPORT.md).
+anything heavy, so a typo costs a fraction of a second instead of a model load.
 """
 
 from __future__ import annotations
