@@ -156,6 +156,14 @@ def test_parity_count_must_allow_pairs(tmp_path: Path) -> None:
     fails(main_app, ["parity", tmp_path, "--count", "-5"], "'--count'")
 
 
+def test_sub_commands_of_facemoe_give_one_line_too(tmp_path: Path) -> None:
+    """The commands ``facemoe`` mounts from other modules keep one-line errors under the group."""
+    fails(main_app, ["export", "--random-weights", "--k", "-1", "--out", tmp_path / "b"], "'--k'")
+    fails(main_app, ["bench", "--random-weights", "--iterations", "0"], "'--iterations'")
+    fails(main_app, ["no-such-command"], "No such command")
+    only(tmp_path)
+
+
 # -------------------------------------------------------------------------------------------- facemoe bench
 
 BENCH_CASES = [

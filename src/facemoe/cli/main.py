@@ -12,7 +12,10 @@ from facemoe.cli.common import console, out, user_errors
 from facemoe.cli.options import OneLineErrorsGroup
 
 app = typer.Typer(
-    add_completion=False, help="FaceMoE Edge: export, verify, benchmark and run FaceMoE.", cls=OneLineErrorsGroup
+    add_completion=False,
+    help="FaceMoE Edge: export, verify, benchmark and run FaceMoE.",
+    cls=OneLineErrorsGroup,
+    no_args_is_help=True,
 )
 
 
