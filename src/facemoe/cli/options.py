@@ -18,7 +18,7 @@ from facemoe.cli.common import EXIT_USER_ERROR, console
 try:  # typer >= 0.22 carries its own copy of click
     from typer._click.exceptions import UsageError
 except ImportError:  # pragma: no cover - older typer on click
-    from click.exceptions import UsageError  # type: ignore[no-redef]
+    from click.exceptions import UsageError  # type: ignore[no-redef,assignment]
 
 
 class Precision(str, enum.Enum):
