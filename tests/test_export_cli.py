@@ -120,4 +120,4 @@ def test_small_preset_fp32_fp16_int8_end_to_end_with_default_gates(tmp_path):
     assert fast_q["quantized_nodes"] > quantization["quantized_nodes"]
     assert not any("float_blocks" in why or "activation-activation" in why for why in fast_q["excluded_nodes"].values())
     bad = _export(*args, "--int8-float-blocks", "-1", "--out", str(tmp_path / "b4"))
-    _one_line_error(bad, "--int8-float-blocks must be >= 0")
+    _one_line_error(bad, "'--int8-float-blocks'", "greater than or equal to 0")

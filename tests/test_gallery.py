@@ -66,7 +66,7 @@ def test_bad_gallery_files_are_input_errors(tmp_path: Path) -> None:
         Gallery.load(tmp_path / "missing.npz")
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"\x00" * 100)
-    with pytest.raises(InputError, match="unreadable"):
+    with pytest.raises(InputError, match="not a FaceMoE gallery file"):
         Gallery.load(garbage)
     wrong = tmp_path / "wrong.npz"
     np.savez(wrong, something=np.zeros(3))
@@ -75,7 +75,7 @@ def test_bad_gallery_files_are_input_errors(tmp_path: Path) -> None:
     pickled = tmp_path / "pickled.npz"
     meta = np.array(json.dumps({"format": "facemoe-gallery", "version": 1}))
     np.savez(pickled, names=np.array(["a", None], dtype=object), embeddings=np.ones((2, 4)), meta=meta)
-    with pytest.raises(InputError, match="unreadable"):
+    with pytest.raises(InputError, match="not a FaceMoE gallery file"):
         Gallery.load(pickled)
     empty = tmp_path / "empty.npz"
     np.savez(empty, names=np.array([], dtype=np.str_), embeddings=np.zeros((0, 4)), meta=meta)
@@ -119,7 +119,7 @@ def test_enroll_warns_about_bad_images_and_keeps_the_good(tmp_path: Path, tiny_b
     assert gallery.names == ["carphone", "tom"]
     assert gallery.counts == [5, 3]  # padded, scaled, alpha
 
-    result = invoke(enroll_app, ["--images", root, "--bundle", tiny_bundle, "--out", out, "--largest"])
+    result = invoke(enroll_app, ["--images", root, "--bundle", tiny_bundle, "--out", out, "--largest", "--overwrite"])
     assert result.exit_code == 0
     assert Gallery.load(out).counts == [5, 4]
 

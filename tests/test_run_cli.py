@@ -198,7 +198,7 @@ def test_gallery_problems(tmp_path: Path, tiny_bundle: Path, gallery_file: Path)
     video = ["--video", SAMPLE_VIDEO, "--bundle", tiny_bundle]
     _fails([*video, "--gallery", tmp_path / "none.npz"], "gallery file not found")
     (tmp_path / "bad.npz").write_bytes(b"garbage")
-    _fails([*video, "--gallery", tmp_path / "bad.npz"], "unreadable gallery")
+    _fails([*video, "--gallery", tmp_path / "bad.npz"], "not a FaceMoE gallery file")
     other = Gallery.load(gallery_file)
     other.meta["model_fingerprint"] = "f" * 64
     other.save(tmp_path / "other.npz")

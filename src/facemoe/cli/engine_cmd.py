@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from facemoe.cli.common import console, out, user_errors
-from facemoe.errors import FaceMoEError
+from facemoe.bundle import Bundle
+from facemoe.cli.common import OverwriteOption, console, out, user_errors
+from facemoe.cli.options import OneLineErrors, Precision
+from facemoe.errors import FaceMoEError, OutputError
+from facemoe.runtime.engine_identity import ENGINES_DIR
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -25,18 +29,29 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
-@app.command()
+def _check_engines_dir(engines: Path) -> None:
+    """Engines are written into the bundle: refuse a bundle this user cannot write before building."""
+    if engines.exists() and not engines.is_dir():
+        raise OutputError(f"{engines}: is a file, expected the bundle's engines directory")
+    writable = engines if engines.is_dir() else engines.parent
+    if not os.access(writable, os.W_OK | os.X_OK):
+        raise OutputError(f"{writable}: not writable, the engine cannot be stored in this bundle")
+
+
+@app.command(cls=OneLineErrors)
 @user_errors
 def build_engine(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory (the engine goes to <bundle>/engines/).")],
-    precision: Annotated[str, typer.Option(help="fp16, int8 or fp32: which ONNX artifact to build.")] = "fp16",
-    min_batch: Annotated[int, typer.Option(help="Smallest batch of the optimisation profile.")] = 1,
-    opt_batch: Annotated[int, typer.Option(help="Batch TensorRT tunes kernels for.")] = 8,
-    max_batch: Annotated[int, typer.Option(help="Largest batch the engine accepts.")] = 32,
+    precision: Annotated[Precision, typer.Option(help="Which ONNX artifact to build.")] = Precision.fp16,
+    min_batch: Annotated[int, typer.Option(min=1, help="Smallest batch of the optimisation profile.")] = 1,
+    opt_batch: Annotated[int, typer.Option(min=1, help="Batch TensorRT tunes kernels for.")] = 8,
+    max_batch: Annotated[int, typer.Option(min=1, help="Largest batch the engine accepts.")] = 32,
     workspace: Annotated[
         str | None, typer.Option(help="Builder workspace limit, e.g. 2GiB (default: 1GiB on Jetson, else all).")
     ] = None,
-    opt_level: Annotated[int, typer.Option(help="Builder optimisation level 0-5 (higher: slower build).")] = 3,
+    opt_level: Annotated[
+        int, typer.Option(min=0, max=5, help="Builder optimisation level (higher: slower build).")
+    ] = 3,
     plugin: Annotated[
         list[Path] | None, typer.Option(help="TensorRT plugin library to load and record (repeatable).")
     ] = None,
@@ -47,29 +62,54 @@ def build_engine(
     no_timing_cache: Annotated[
         bool, typer.Option("--no-timing-cache", help="Neither read nor write engines/timing.cache.")
     ] = False,
-    force: Annotated[bool, typer.Option("--force", help="Rebuild even when a matching engine exists.")] = False,
-    device: Annotated[int, typer.Option(help="CUDA device index.")] = 0,
+    overwrite: bool = OverwriteOption,
+    # The old name of --overwrite, kept working for existing scripts but no longer shown.
+    force: Annotated[bool, typer.Option("--force", hidden=True, help="Old name of --overwrite.")] = False,
+    device: Annotated[int, typer.Option(min=0, help="CUDA device index.")] = 0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show TensorRT's verbose log.")] = False,
 ) -> None:
-    """Build the TensorRT engine for this GPU from the bundle's ONNX and record it in the manifest."""
+    """Build the TensorRT engine for this GPU from the bundle's ONNX and record it in the manifest.
+
+    A matching engine already in the bundle is reused; --overwrite rebuilds and replaces it.
+    """
+    # All of this is checked before TensorRT is loaded or the GPU is probed.
+    if not min_batch <= opt_batch <= max_batch:
+        raise FaceMoEError(
+            f"batch profile must satisfy --min-batch <= --opt-batch <= --max-batch, got {min_batch}/{opt_batch}/"
+            f"{max_batch}"
+        )
+    if weak_fp16 and precision != Precision.fp16:
+        raise FaceMoEError(f"--weak-fp16 builds fp16 engines only, not {precision.value}")
+    workspace_bytes = parse_size(workspace) if workspace else None
+    for library in plugin or []:
+        if not library.is_file():
+            raise FaceMoEError(f"{library}: plugin library not found (--plugin)")
+    loaded = Bundle(bundle)
+    if precision.value not in loaded.precisions and not weak_fp16:
+        raise FaceMoEError(
+            f"{bundle}: no {precision.value} ONNX to build from (it has: {', '.join(loaded.precisions)}); "
+            f"re-export with --{precision.value}"
+        )
+    _check_engines_dir(loaded.root / ENGINES_DIR)
+
     from facemoe.export.tensorrt import BuildOptions
     from facemoe.export.tensorrt import build_engine as build
 
     options = BuildOptions(
-        precision=precision,
+        precision=precision.value,
         min_batch=min_batch,
         opt_batch=opt_batch,
         max_batch=max_batch,
-        workspace_bytes=parse_size(workspace) if workspace else None,
+        workspace_bytes=workspace_bytes,
         optimization_level=opt_level,
         plugin_libraries=tuple(plugin or ()),
         weakly_typed_fp16=weak_fp16,
         timing_cache=not no_timing_cache,
-        force=force,
+        force=overwrite or force,
         device_index=device,
         verbose=verbose,
     )
-    built = build(bundle, options, log=lambda msg: console.print(msg, highlight=False))
+    built = build(loaded, options, log=lambda msg: console.print(msg, highlight=False))
     identity = built.identity
     verb = "reused" if built.reused else "built"
     out.print(f"[green]{verb}[/] {built.path}", highlight=False)

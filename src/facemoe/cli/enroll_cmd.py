@@ -18,8 +18,10 @@ import typer
 from rich.markup import escape
 
 from facemoe.bundle import Bundle
-from facemoe.cli.common import console, user_errors
+from facemoe.cli.common import OverwriteOption, console, user_errors
+from facemoe.cli.options import OneLineErrors, Precision, RuntimeBackend
 from facemoe.errors import FaceMoEError, InputError
+from facemoe.fileio import check_output
 from facemoe.preprocess import l2_normalize
 from facemoe.runtime.alignment import ALIGNED_SIZE
 from facemoe.runtime.backends import open_backend
@@ -27,6 +29,7 @@ from facemoe.runtime.detection import RetinaFaceDetector, to_bgr
 from facemoe.runtime.gallery import GALLERY_FORMAT, GALLERY_VERSION, Gallery, model_fingerprint
 from facemoe.runtime.pipeline import FaceEncoder
 
+EXIF_UPRIGHT = cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -45,7 +48,9 @@ def read_image(path: Path) -> np.ndarray:
         data = np.fromfile(str(path), dtype=np.uint8)
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    # Any flags but IMREAD_UNCHANGED make OpenCV apply the EXIF orientation: a phone photo stored sideways
+    # with a "rotate 90" tag is enrolled upright, as every viewer shows it. ANYDEPTH keeps 16-bit images.
+    image = cv2.imdecode(data, EXIF_UPRIGHT) if data.size else None
     if image is None:
         raise InputError(f"{path}: not a readable image")
     return to_bgr(image)
@@ -147,14 +152,14 @@ def build_gallery(
     return names, np.stack(templates), counts, report
 
 
-@app.command()
+@app.command(cls=OneLineErrors)
 @user_errors
 def enroll(
     images: Annotated[Path, typer.Option(help="Folder with one sub-folder of face images per person.")],
     bundle: Annotated[Path, typer.Option(help="Bundle directory (the same model facemoe-run will use).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Gallery file to write (.npz).")] = Path("gallery.npz"),
-    backend: Annotated[str, typer.Option(help="auto, tensorrt, onnxruntime or torch.")] = "auto",
-    precision: Annotated[str | None, typer.Option(help="fp32, fp16 or int8 (default: as facemoe-run).")] = None,
+    backend: Annotated[RuntimeBackend, typer.Option(help="Inference backend.")] = RuntimeBackend.auto,
+    precision: Annotated[Precision | None, typer.Option(help="Artifact precision (default: as facemoe-run).")] = None,
     detector: Annotated[Path | None, typer.Option(help="Your own RetinaFace-style detector ONNX.")] = None,
     aligned: Annotated[
         bool, typer.Option("--aligned", help="Images are already ArcFace-aligned 112x112 crops: no detection.")
@@ -163,15 +168,21 @@ def enroll(
         bool, typer.Option("--largest", help="Use the largest face of images that show several.")
     ] = False,
     flip: Annotated[bool, typer.Option(help="Add the mirrored face to each template (flip test).")] = True,
-    det_threshold: Annotated[float, typer.Option(help="Minimum detection score.")] = 0.5,
-    min_eye_distance: Annotated[float, typer.Option(help="Skip faces with a smaller eye distance (px).")] = 8.0,
+    det_threshold: Annotated[float, typer.Option(min=0.0, max=1.0, help="Minimum detection score.")] = 0.5,
+    min_eye_distance: Annotated[
+        float, typer.Option(min=0.0, help="Skip faces with a smaller eye distance (px).")
+    ] = 8.0,
+    overwrite: bool = OverwriteOption,
 ) -> None:
     """Enrol DIR/<name>/*.jpg|png into a gallery for facemoe-run --gallery."""
-    if out.exists() and out.is_dir():
-        raise FaceMoEError(f"{out}: is a directory, expected a gallery file path")
+    check_output(out, overwrite=overwrite, inputs=(detector,))
+    if detector is not None and not detector.is_file():
+        raise FaceMoEError(f"{detector}: detector ONNX not found (--detector)")
     find_images(images)  # fail on a bad folder before loading any model
     loaded = Bundle(bundle)
-    engine = open_backend(loaded, backend, precision)
+    if precision is not None and precision.value not in loaded.precisions:
+        raise FaceMoEError(f"{bundle}: has no {precision.value} artifact (it has: {', '.join(loaded.precisions)})")
+    engine = open_backend(loaded, backend.value, precision.value if precision is not None else None)
     face_detector = None if aligned else RetinaFaceDetector(detector, score_threshold=det_threshold)
     encoder = FaceEncoder(engine, loaded.manifest.preprocessing, flip=flip)
     names, templates, counts, report = build_gallery(

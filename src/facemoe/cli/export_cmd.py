@@ -8,41 +8,103 @@ from typing import Annotated
 
 import typer
 
-from facemoe.cli.common import console, user_errors
-from facemoe.errors import FaceMoEError
+from facemoe.bundle import MANIFEST_NAME
+from facemoe.cli.common import OverwriteOption, console, user_errors
+from facemoe.cli.options import CalibrationMethod, Gating, OneLineErrors, Precision, Preset
+from facemoe.errors import FaceMoEError, OutputError
 
 app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True)
 
+# Parity metrics a --gate can set, with the range a meaningful threshold lies in; facemoe.export.parity
+# (DEFAULT_GATES, compare) reads the same names. Kept here so a typo fails before torch is imported.
+GATE_METRICS: dict[str, tuple[float, float]] = {
+    "cosine_mean": (-1.0, 1.0),
+    "cosine_min": (-1.0, 1.0),
+    "routing_min": (0.0, 1.0),
+}
+# Opsets the export accepts: 17 keeps LayerNormalization one node (onnx_export); 20 is the newest the
+# TorchScript exporter writes (torch 2.14).
+MIN_OPSET, MAX_OPSET = 17, 20
 
-def _parse_gates(values: list[str]) -> dict[str, dict[str, float]]:
+
+def parse_gates(values: list[str], exported: list[str], gating: str = "onnx") -> dict[str, dict[str, float]]:
+    """``PRECISION.METRIC=VALUE`` overrides -> ``{precision: {metric: value}}``; only real metrics of
+    artifacts this export writes, with values in the metric's range."""
     gates: dict[str, dict[str, float]] = {}
     for item in values:
-        try:
-            key, value = item.split("=", 1)
-            precision, metric = key.split(".", 1)
-            gates.setdefault(precision, {})[metric] = float(value)
-        except ValueError:
+        key, has_value, text = item.partition("=")
+        precision, has_metric, metric = key.strip().partition(".")
+        if not has_value or not has_metric:
+            raise FaceMoEError(f"--gate {item!r}: expected PRECISION.METRIC=VALUE, e.g. fp16.cosine_mean=0.999")
+        if precision not in [p.value for p in Precision]:
+            raise FaceMoEError(f"--gate {item!r}: unknown precision {precision!r}; choose fp32, fp16 or int8")
+        if precision not in exported:
+            raise FaceMoEError(f"--gate {item!r}: this export writes no {precision} artifact (add --{precision})")
+        if metric not in GATE_METRICS:
+            raise FaceMoEError(f"--gate {item!r}: unknown metric {metric!r}; choose {', '.join(GATE_METRICS)}")
+        if metric == "routing_min" and gating == "plugin":
             raise FaceMoEError(
-                f"--gate {item!r}: expected PRECISION.METRIC=VALUE, e.g. fp16.cosine_mean=0.999"
-            ) from None
+                f"--gate {item!r}: with --gating plugin the routing is decided inside the custom node and "
+                "is not measured, so a routing gate cannot apply"
+            )
+        low, high = GATE_METRICS[metric]
+        try:
+            value = float(text)
+        except ValueError:
+            raise FaceMoEError(f"--gate {item!r}: {text.strip()!r} is not a number") from None
+        if not low <= value <= high:  # also refuses nan
+            raise FaceMoEError(f"--gate {item!r}: {metric} must be between {low:g} and {high:g}")
+        gates.setdefault(precision, {})[metric] = value
     return gates
 
 
-def _load_config(config: str) -> str | dict[str, object] | None:
+def load_config(config: str) -> str | dict[str, object] | None:
+    """``--config``: 'infer' -> None, a preset name, or the dict of a JSON file."""
     if config == "infer":
         return None
+    if config in [p.value for p in Preset]:
+        return config
     path = Path(config)
-    if config.endswith(".json"):
-        if not path.is_file():
-            raise FaceMoEError(f"{path}: config file not found")
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise FaceMoEError(f"{path}: not valid JSON: {exc}") from exc
-    return config
+    if not config.endswith(".json"):
+        choices = ", ".join(p.value for p in Preset)
+        raise FaceMoEError(f"--config {config!r}: choose infer, a preset ({choices}) or a .json file")
+    if not path.is_file():
+        raise FaceMoEError(f"{path}: config file not found")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FaceMoEError(f"{path}: not a valid JSON config: {exc}") from None
+    if not isinstance(data, dict):
+        raise FaceMoEError(f"{path}: expected a JSON object of model settings, found {type(data).__name__}")
+    return data
 
 
-@app.command()
+def check_bundle_dir(out: Path, *, overwrite: bool, inputs: tuple[Path | None, ...]) -> None:
+    """The bundle-directory form of ``facemoe.fileio.check_output``: refuse before any work starts.
+
+    ``atomic_directory`` replaces an existing bundle only after the new one is complete; this refuses
+    what must never be replaced: a plain file, a directory that holds an input, or a directory that is
+    not a bundle (``--out ~ --overwrite`` must not delete a home directory).
+    """
+    resolved = out.expanduser().resolve()
+    for source in inputs:
+        if source is None:
+            continue
+        src = source.expanduser().resolve()
+        if src == resolved or resolved in src.parents:
+            raise OutputError(f"{out}: the output bundle would replace the input {source}; choose another path")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: is a file, expected a bundle directory path")
+    if out.is_dir():
+        if not overwrite:
+            raise OutputError(f"{out}: already exists (pass --overwrite to replace it)")
+        if not (out / MANIFEST_NAME).is_file() and any(out.iterdir()):
+            raise OutputError(
+                f"{out}: is not a FaceMoE bundle (no {MANIFEST_NAME}); refusing to replace it, choose another path"
+            )
+
+
+@app.command(cls=OneLineErrors)
 @user_errors
 def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="Bundle directory to create.")],
@@ -52,34 +114,44 @@ def export(
     config: Annotated[
         str, typer.Option(help="'infer' (from the checkpoint's shapes), a preset (full, tiny) or a JSON file.")
     ] = "infer",
-    k: Annotated[int, typer.Option(help="Experts per token. Not stored in checkpoints; the release uses 2.")] = 2,
+    k: Annotated[
+        int, typer.Option(min=1, help="Experts per token. Not stored in checkpoints; the release uses 2.")
+    ] = 2,
     fp16: Annotated[bool, typer.Option("--fp16", help="Add the mixed-precision FP16 ONNX.")] = False,
     int8: Annotated[bool, typer.Option("--int8", help="Add the Q/DQ INT8 ONNX (needs --calib).")] = False,
     calib: Annotated[
         list[Path] | None, typer.Option(help="Calibration faces: folders of aligned crops, images or videos.")
     ] = None,
-    calib_count: Annotated[int, typer.Option(help="Number of calibration faces.")] = 256,
-    calib_method: Annotated[str, typer.Option(help="max, percentile or entropy.")] = "percentile",
-    calib_seed: Annotated[int, typer.Option(help="Seed of sampling and degradations.")] = 0,
+    calib_count: Annotated[int, typer.Option(min=1, help="Number of calibration faces.")] = 256,
+    calib_method: Annotated[
+        CalibrationMethod, typer.Option(help="How INT8 ranges are taken from the calibration activations.")
+    ] = CalibrationMethod.percentile,
+    calib_seed: Annotated[int, typer.Option(min=0, help="Seed of sampling and degradations.")] = 0,
     calib_cache: Annotated[
         Path | None, typer.Option(help="Calibration cache directory (default: ~/.cache/facemoe/calibration).")
     ] = None,
     int8_float_blocks: Annotated[
-        int, typer.Option(help="INT8: transformer blocks kept float, counted from the input (0: none).")
+        int, typer.Option(min=0, help="INT8: transformer blocks kept float, counted from the input (0: none).")
     ] = 1,
     int8_attention: Annotated[
         bool, typer.Option("--int8-attention", help="INT8: quantize the attention q@k and attn@v matmuls too.")
     ] = False,
-    opset: Annotated[int, typer.Option(help="ONNX opset (>= 17).")] = 17,
-    max_batch: Annotated[int, typer.Option(help="Largest batch the runtime should plan for.")] = 32,
-    gating: Annotated[str, typer.Option(help="'onnx' (standard ops) or 'plugin' (custom facemoe op).")] = "onnx",
+    opset: Annotated[int, typer.Option(min=MIN_OPSET, max=MAX_OPSET, help="ONNX opset.")] = 17,
+    max_batch: Annotated[int, typer.Option(min=1, help="Largest batch the runtime should plan for.")] = 32,
+    gating: Annotated[
+        Gating, typer.Option(help="'onnx' (standard ops) or 'plugin' (custom facemoe::SparseMoE op).")
+    ] = Gating.onnx,
     random_weights: Annotated[
         bool, typer.Option("--random-weights", help="No checkpoint: random weights (demos and tests only).")
     ] = False,
-    preset: Annotated[str, typer.Option(help="Preset for --random-weights.")] = "tiny",
-    seed: Annotated[int, typer.Option(help="Seed for --random-weights.")] = 0,
+    preset: Annotated[Preset, typer.Option(help="Preset for --random-weights.")] = Preset.tiny,
+    seed: Annotated[int, typer.Option(min=0, help="Seed for --random-weights.")] = 0,
     gate: Annotated[
-        list[str] | None, typer.Option(help="Override a parity gate, e.g. fp16.cosine_mean=0.9995 (repeatable).")
+        list[str] | None,
+        typer.Option(
+            help="Override a parity gate: PRECISION.METRIC=VALUE, METRIC one of "
+            f"{', '.join(GATE_METRICS)}; e.g. fp16.cosine_mean=0.9995 (repeatable)."
+        ),
     ] = None,
     no_gate: Annotated[
         bool, typer.Option("--no-gate", help="Write the bundle even when a gate fails (marked in the manifest).")
@@ -88,10 +160,36 @@ def export(
         bool,
         typer.Option("--engine", help="Also build a TensorRT engine on this GPU (fp16, else int8, else fp32)."),
     ] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle.")] = False,
+    overwrite: bool = OverwriteOption,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
 ) -> None:
     """Export a FaceMoE checkpoint into a deployment bundle and check every artifact against PyTorch."""
+    # Every check that needs no model runs before torch is imported (seconds on a cold start).
+    precisions = ["fp32"] + (["fp16"] if fp16 else []) + (["int8"] if int8 else [])
+    gates = parse_gates(gate or [], precisions, gating.value)
+    if int8 and not calib:
+        raise FaceMoEError("--int8 needs --calib PATH (folders of aligned face crops, images or videos)")
+    if calib and not int8:
+        raise FaceMoEError("--calib is only used for the INT8 artifact: add --int8, or leave out --calib")
+    for path in calib or []:
+        if not path.exists():
+            raise FaceMoEError(f"{path}: calibration path not found (--calib)")
+    if checkpoint is None and not random_weights:
+        raise FaceMoEError(
+            "no --checkpoint given. Get the official weights with `facemoe download`, or pass "
+            "--random-weights for a demo bundle whose identities are meaningless"
+        )
+    if checkpoint is not None and random_weights:
+        raise FaceMoEError("--random-weights and --checkpoint exclude each other")
+    if checkpoint is not None and not checkpoint.is_file():
+        raise FaceMoEError(f"{checkpoint}: checkpoint file not found")
+    model_config = load_config(config)
+    check_bundle_dir(out, overwrite=overwrite, inputs=(checkpoint, *(calib or [])))
+    if engine:
+        from facemoe.export.tensorrt import require_tensorrt
+
+        require_tensorrt()  # fail before a long export, not after it
+
     from facemoe.extras import require_torch
 
     torch = require_torch("facemoe-export")
@@ -101,47 +199,32 @@ def export(
     from facemoe.model import build_model, load_checkpoint
     from facemoe.model.random_weights import randomize
 
-    if gating not in ("onnx", "plugin"):
-        raise FaceMoEError(f"--gating {gating}: choose 'onnx' (standard ops) or 'plugin' (facemoe::SparseMoE)")
-    if engine:
-        from facemoe.export.tensorrt import require_tensorrt
-
-        require_tensorrt()  # fail before a long export, not after it
-    if int8 and not calib:
-        raise FaceMoEError("--int8 needs --calib PATH (folders of aligned face crops, images or videos)")
-    if int8_float_blocks < 0:
-        raise FaceMoEError(f"--int8-float-blocks must be >= 0, got {int8_float_blocks}")
-    if out.exists() and not overwrite:
-        raise FaceMoEError(f"{out}: already exists (pass --overwrite to replace it)")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if checkpoint is None:
-        if not random_weights:
-            raise FaceMoEError(
-                "no --checkpoint given. Get the official weights with `facemoe download`, or pass "
-                "--random-weights for a demo bundle whose identities are meaningless"
-            )
-        model = randomize(build_model(preset), seed=seed).set_k(k)
-        source: dict[str, object] = {"random_weights": True, "preset": preset, "seed": seed}
-        console.print(f"[yellow]random weights ({preset} preset): embeddings carry no identity information[/]")
+        model = randomize(build_model(preset.value), seed=seed)
+        _check_k(k, model.config.num_experts, f"the {preset.value} preset")
+        model.set_k(k)
+        source: dict[str, object] = {"random_weights": True, "preset": preset.value, "seed": seed}
+        console.print(f"[yellow]random weights ({preset.value} preset): embeddings carry no identity information[/]")
     else:
-        if random_weights:
-            raise FaceMoEError("--random-weights and --checkpoint exclude each other")
-        model = load_checkpoint(checkpoint, config=_load_config(config), k=k)
+        model = load_checkpoint(checkpoint, config=model_config, k=k)
         source = {"path": str(checkpoint.resolve()), "sha256": sha256_file(checkpoint), "k": k}
         console.print(f"loaded {checkpoint}: config {model.config.to_dict()}")
+    blocks = sum(model.config.depths)
+    if int8 and int8_float_blocks > blocks:
+        raise FaceMoEError(f"--int8-float-blocks {int8_float_blocks}: the model has only {blocks} blocks")
     spec = None
     if calib:
         cache_dir = calib_cache or Path.home() / ".cache" / "facemoe" / "calibration"
         spec = CalibrationSpec(
             paths=list(calib),
             count=calib_count,
-            method=calib_method,
+            method=calib_method.value,
             seed=calib_seed,
             cache_dir=cache_dir,
             float_blocks=int8_float_blocks,
             quantize_attention_matmuls=int8_attention,
         )
-    precisions = ["fp32"] + (["fp16"] if fp16 else []) + (["int8"] if int8 else [])
     result = export_bundle(
         model,
         out,
@@ -152,8 +235,8 @@ def export(
         calib=spec,
         opset=opset,
         max_batch=max_batch,
-        gates=_parse_gates(gate or []),
-        gating=gating,
+        gates=gates,
+        gating=gating.value,
         enforce_gates=not no_gate,
         progress=not quiet,
         console=console,
@@ -169,6 +252,11 @@ def export(
             log=console.print,
         )
         console.print(f"[green]engine written:[/] {built}")
+
+
+def _check_k(k: int, experts: int, where: str) -> None:
+    if k > experts:
+        raise FaceMoEError(f"--k {k}: {where} has {experts} experts per block, so k must be 1..{experts}")
 
 
 def main() -> None:

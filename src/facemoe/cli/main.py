@@ -10,9 +10,15 @@ from typing import Annotated
 import typer
 
 from facemoe.cli.common import console, fail, out, user_errors
+from facemoe.cli.options import OneLineErrorsGroup
 from facemoe.extras import missing_extra_message
 
-app = typer.Typer(add_completion=False, help="FaceMoE Edge: export, verify, benchmark and run FaceMoE.")
+app = typer.Typer(
+    add_completion=False,
+    help="FaceMoE Edge: export, verify, benchmark and run FaceMoE.",
+    cls=OneLineErrorsGroup,
+    no_args_is_help=True,
+)
 
 
 @app.command()
@@ -41,7 +47,10 @@ def parity(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
     checkpoint: Annotated[Path | None, typer.Option(help="Reference checkpoint (default: the manifest's).")] = None,
     count: Annotated[
-        int, typer.Option(help="Synthetic held-out faces, for bundles that do not store the export's inputs.")
+        int,
+        typer.Option(
+            min=2, help="Synthetic held-out faces (two views each), for bundles that do not store their inputs."
+        ),
     ] = 32,
 ) -> None:
     """Re-check every artifact of a bundle against the PyTorch fp32 reference; exit 1 on a missed gate."""

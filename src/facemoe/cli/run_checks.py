@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import re
-from enum import Enum
 from pathlib import Path
 
 from facemoe.bundle import Bundle
@@ -16,19 +15,6 @@ from facemoe.errors import BundleError, FaceMoEError, InputError, OutputError
 from facemoe.fileio import check_output
 
 URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-
-
-class Precision(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    int8 = "int8"
-
-
-class BackendName(str, Enum):
-    auto = "auto"
-    tensorrt = "tensorrt"
-    onnxruntime = "onnxruntime"
-    torch = "torch"
 
 
 def check_finite(**values: float | None) -> None:
@@ -113,4 +99,4 @@ def check_parity(bundle: Bundle, precision: str, allow: bool) -> str | None:
     return f"the {precision} model failed its parity check at export ({reason})"
 
 
-__all__ = ["BackendName", "Precision", "check_finite", "check_parity", "check_video_spec", "plan_outputs"]
+__all__ = ["check_finite", "check_parity", "check_video_spec", "plan_outputs"]

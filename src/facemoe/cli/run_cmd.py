@@ -20,7 +20,8 @@ from rich.live import Live
 from rich.markup import escape
 
 from facemoe.cli.common import EXIT_INTERRUPTED, EXIT_USER_ERROR, OverwriteOption, console, user_errors
-from facemoe.cli.run_checks import BackendName, Precision, check_finite, check_parity, check_video_spec, plan_outputs
+from facemoe.cli.options import OneLineErrors, Precision, RuntimeBackend
+from facemoe.cli.run_checks import check_finite, check_parity, check_video_spec, plan_outputs
 from facemoe.cli.run_display import live_table, summary, totals
 from facemoe.demo import ensure_demo_bundle
 from facemoe.errors import FaceMoEError
@@ -77,7 +78,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
             signal.signal(sig, old)
 
 
-@app.command()
+@app.command(cls=OneLineErrors)
 @user_errors
 def run(
     video: Annotated[
@@ -98,7 +99,7 @@ def run(
         Path | None, typer.Option(help="Write an annotated video (.mp4 / .m4v / .mov / .avi / .mkv).")
     ] = None,
     overwrite: bool = OverwriteOption,
-    backend: Annotated[BackendName, typer.Option(help="Inference backend.")] = BackendName.auto,
+    backend: Annotated[RuntimeBackend, typer.Option(help="Inference backend.")] = RuntimeBackend.auto,
     precision: Annotated[
         Precision | None, typer.Option(help="Model precision (default: the fastest the backend runs well).")
     ] = None,

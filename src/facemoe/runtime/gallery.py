@@ -127,6 +127,10 @@ class Gallery:
         path = Path(path)
         if not path.is_file():
             raise InputError(f"{path}: gallery file not found" if not path.exists() else f"{path}: not a file")
+        # A gallery is a zip (.npz). Anything else would reach numpy's pickle branch, whose error talks about
+        # allow_pickle: say plainly that this is not a gallery file instead.
+        if not zipfile.is_zipfile(path):
+            raise InputError(f"{path}: not a FaceMoE gallery file (expected the .npz that `facemoe enroll` writes)")
         try:
             with np.load(path, allow_pickle=False) as data:
                 missing = {"names", "embeddings", "meta"} - set(data.files)
@@ -138,8 +142,14 @@ class Gallery:
                 meta = json.loads(str(data["meta"]))
         except InputError:
             raise
-        except (OSError, ValueError, zipfile.BadZipFile, json.JSONDecodeError, KeyError) as exc:
-            raise InputError(f"{path}: unreadable gallery ({exc})") from exc
+        except ValueError as exc:
+            if "allow_pickle" in str(exc):  # an .npz holding Python objects: not written by facemoe enroll
+                raise InputError(
+                    f"{path}: not a FaceMoE gallery file (it holds Python objects, which are never loaded)"
+                ) from None
+            raise InputError(f"{path}: unreadable gallery ({exc})") from None
+        except (OSError, zipfile.BadZipFile, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise InputError(f"{path}: unreadable gallery ({exc})") from None
         if meta.get("format") != GALLERY_FORMAT:
             raise InputError(f"{path}: not a FaceMoE gallery (meta format is {meta.get('format')!r})")
         if int(meta.get("version", 0)) > GALLERY_VERSION:
