@@ -25,6 +25,14 @@ from facemoe.runtime.int8_cpu import detect_cpu
 from facemoe.runtime.ort_session import create_session
 
 
+def with_routes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph with every TopK's expert indices as extra outputs (one per MoE layer)."""
+    for node in model.graph.node:
+        if node.op_type == "TopK":
+            model.graph.output.append(onnx.helper.make_tensor_value_info(node.output[1], onnx.TensorProto.INT64, None))
+    return model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle", type=Path)
@@ -35,27 +43,42 @@ def main() -> None:
     args = parser.parse_args()
     inputs = paired_views(synthetic_faces(args.faces))
 
-    def embed(session, batch: np.ndarray) -> np.ndarray:  # type: ignore[no-untyped-def]
-        return np.concatenate([session.run(batch[i : i + 8])[0] for i in range(0, len(batch), 8)])
+    def embed(session, batch: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:  # type: ignore[no-untyped-def]
+        parts = [session.run(batch[i : i + 8]) for i in range(0, len(batch), 8)]
+        routes = [
+            np.sort(np.concatenate([p[j] for p in parts]).reshape(-1, 2), axis=1) for j in range(1, len(parts[0]))
+        ]
+        return np.concatenate([p[0] for p in parts]), routes
 
     def unit(x: np.ndarray) -> np.ndarray:
         return x / np.linalg.norm(x, axis=1, keepdims=True)
 
-    reference = unit(embed(create_session(args.bundle / "model.fp32.onnx"), inputs))
+    reference_embeddings, reference_routes = embed(
+        create_session(with_routes(onnx.load(str(args.bundle / "model.fp32.onnx")))), inputs
+    )
+    reference = unit(reference_embeddings)
     isa = detect_cpu()
     result: dict[str, object] = {"cpu": isa.label, "saturates_int8": isa.saturates_int8, "faces": args.faces}
     served = {}
     for encoding in ("s8", "w7", "u8"):
         for optimization in ("disabled", "all"):
-            model = onnx.load(str(args.bundle / "model.int8.onnx"))
+            model = with_routes(onnx.load(str(args.bundle / "model.int8.onnx")))
             session = create_session(model, optimization=optimization, int8_encoding=encoding)  # type: ignore[arg-type]
-            cosine = (unit(embed(session, inputs)) * reference).sum(axis=1)
+            embeddings, routes = embed(session, inputs)
+            cosine = (unit(embeddings) * reference).sum(axis=1)
+            agreement = [float((a == b).all(axis=1).mean()) for a, b in zip(routes, reference_routes, strict=True)]
             key = f"{encoding} {'graph' if optimization == 'disabled' else 'served'}"
-            result[key] = {"cosine_mean": round(float(cosine.mean()), 5), "cosine_min": round(float(cosine.min()), 5)}
+            result[key] = {
+                "cosine_mean": round(float(cosine.mean()), 5),
+                "cosine_min": round(float(cosine.min()), 5),
+                "routing_min": round(min(agreement), 4),
+                "routing_mean": round(float(np.mean(agreement)), 4),
+            }
             print(key, result[key], flush=True)
             if optimization == "all":
                 served[encoding] = session
     if args.timing:
+        served = {name: create_session(args.bundle / "model.int8.onnx", int8_encoding=name) for name in served}
         served["fp32"] = create_session(args.bundle / "model.fp32.onnx")
         for batch_size in (1, 8):
             batch = inputs[:batch_size]
