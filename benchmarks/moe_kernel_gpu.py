@@ -1,4 +1,4 @@
-"""GPU check of the sparse-MoE Triton kernels: correctness sweep, then dense-static vs kernel timing (issue 5).
+"""GPU check of the sparse-MoE Triton kernels: correctness sweep, then dense-static vs kernel timing (docs/GATING_OP.md).
 
 Prepared for a GPU session (H100/H200, torch with CUDA, triton); writes ``moe_kernel.json`` and
 ``moe_kernel.md`` to ``--out`` (default ``$OUT``, else ``.``):

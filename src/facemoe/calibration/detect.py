@@ -5,7 +5,7 @@ five-point ArcFace alignment the runtime applies, so calibration crops are made 
 model will see. It returns ``DetectedFace`` records (crop and landmarks); a plain callable returning crops
 is accepted too, but then landmarks are unknown and no image can be confirmed as already aligned.
 
-Aligned or scene (docs/EXPORT.md, "Calibration faces"): an image is an aligned crop when the plain resize
+Aligned or scene (docs/EXPORT.md#calibration-faces): an image is an aligned crop when the plain resize
 ``to_aligned`` would apply already puts the detected face on the ArcFace template, i.e. the similarity
 transform from the detected landmarks (mapped through that resize) to the template is close to the identity.
 Otherwise it is a scene and every detected face is aligned by the detector's landmarks.

@@ -3,7 +3,7 @@
 ``gather_faces`` returns a ``FacePool`` that both the calibration set and the parity hold-out set draw from,
 so an export decodes and detects each video and scene image once, with one detector.
 
-What counts as one distinct source face (docs/EXPORT.md, "Calibration faces"):
+What counts as one distinct source face (docs/EXPORT.md#calibration-faces):
 
 * an image that is an aligned crop: one face;
 * a scene image: one per face the detector finds;

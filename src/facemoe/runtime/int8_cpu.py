@@ -1,7 +1,7 @@
 """INT8 on x86 CPUs: which weight encoding ONNX Runtime's integer kernels compute exactly on this processor.
 
 The bundle's ``model.int8.onnx`` is the graph TensorRT consumes: symmetric int8, zero point 0, per-channel
-weights using the full range [-127, 127] (docs/EXPORT.md, "INT8"). ONNX Runtime's CPU optimizer fuses its
+weights using the full range [-127, 127] (docs/EXPORT.md#int8-explicit-qdq-calibrated-on-low-resolution-faces). ONNX Runtime's CPU optimizer fuses its
 Q/DQ pairs into integer GEMMs (MatMulIntegerToFloat, QGemm, QLinearConv) that run on MLAS kernels chosen
 by the processor's instruction set:
 
@@ -25,7 +25,7 @@ session is created (``facemoe.runtime.ort_session``), so the artifact on disk st
 
 ``s8`` is the graph as stored (TensorRT, and x86 CPUs with VNNI, and Arm). On a CPU that saturates,
 :func:`choose_encoding` takes ``w7`` when the export's parity report says that encoding passed its gates
-and ``u8`` otherwise (docs/EXPORT.md, "INT8 on CPUs without VNNI").
+and ``u8`` otherwise (docs/EXPORT.md#int8-on-cpus-without-vnni).
 
 Nothing here imports torch.
 """
