@@ -112,8 +112,8 @@ def create_session(
     if optimized_model_path is not None:
         options.optimized_model_filepath = str(optimized_model_path)
     if custom_ops:
-        # onnxruntime-extensions imports torch when it is installed: only plugin graphs pay for it.
-        from facemoe.export.gating_ort import register_custom_ops
+        # Imported here: only plugin graphs load onnxruntime-extensions (torch stays hidden from it).
+        from facemoe.gating.ort import register_custom_ops
 
         register_custom_ops(options, required=True)
     if proto is not None:
