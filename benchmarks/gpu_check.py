@@ -49,18 +49,17 @@ def smooth_inputs(count: int, size: int, seed: int) -> np.ndarray:
     return np.tanh(up + 0.15 * rng.standard_normal(up.shape).astype(np.float32)).astype(np.float32)
 
 
-def record_routes(model: Any) -> list[Any]:
-    layers = [m for _, m in model.moe_layers()]
-    for moe in layers:
-        moe.record_routing = True
-    return layers
+def record_routes(model: Any) -> Any:
+    """Start recording every MoE block's routing (``FaceMoE.recording_routing``); ``take_routes`` ends it."""
+    recording = model.recording_routing()
+    return recording, recording.__enter__()
 
 
-def take_routes(layers: list[Any]) -> list[np.ndarray]:
-    routes = [moe.last_routing.cpu().numpy() for moe in layers]
-    for moe in layers:
-        moe.record_routing, moe.last_routing = False, None
-    return routes
+def take_routes(handle: Any) -> list[np.ndarray]:
+    """The last recorded forward's (tokens, k) expert indices per block, and the recording ended."""
+    recording, record = handle
+    recording.__exit__(None, None, None)
+    return [calls[-1].cpu().numpy() for calls in record.values()]
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""GPU check of the sparse-MoE Triton kernels: correctness sweep, then dense-static vs kernel timing (docs/GATING_OP.md).
+"""GPU check of the sparse-MoE Triton kernels (docs/GATING_OP.md): correctness sweep, then dense vs kernel timing.
 
 Prepared for a GPU session (H100/H200, torch with CUDA, triton); writes ``moe_kernel.json`` and
 ``moe_kernel.md`` to ``--out`` (default ``$OUT``, else ``.``):
@@ -20,6 +20,7 @@ Smoke-test without a GPU: ``TRITON_INTERPRET=1 python benchmarks/moe_kernel_gpu.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -32,10 +33,10 @@ from typing import Any
 
 import torch
 
-from facemoe.kernels import sparse_moe_triton as smt
+from facemoe.gating import triton as smt
+from facemoe.gating.torch_op import reference_sparse_moe
 from facemoe.model import build_model
 from facemoe.model.moe import MoE
-from facemoe.model.moe_plugin import reference_sparse_moe, stacked_weights
 from facemoe.model.random_weights import randomize
 
 TARGET_SPEEDUP_LARGE = 1.25
@@ -114,7 +115,7 @@ def correctness(args: argparse.Namespace, shapes: list[tuple[int, int]]) -> list
                         x[:, 0] = 5.0
                         with torch.no_grad():
                             moe.router.gate.weight[:, 0] = torch.tensor([10.0, 0.0, -10.0])
-                    weights = [w.detach() for w in stacked_weights(moe)]
+                    weights = [w.detach() for w in moe.stacked_weights()]
                     xr = x.to(dtype).float().to(dev)
                     ref_w = [weights[0].to(dev)] + [w.to(dtype).float().to(dev) for w in weights[1:]]
                     with torch.no_grad():
@@ -145,12 +146,12 @@ def block_timing(args: argparse.Namespace, shapes: list[tuple[int, int]], tokens
         for batch in args.batches:
             tokens = per_image * batch
             moe = random_block(dim, hidden, 3, 2, seed=dim).half().to(dev)
-            moe.routing, moe.fuse_fc1 = "static", True
             x = torch.randn(tokens, dim, device=dev, dtype=torch.float16)
-            weights = [w.detach().contiguous() for w in stacked_weights(moe)]
+            weights = [w.detach().contiguous() for w in moe.stacked_weights()]
             weights[0] = weights[0].float()
             with torch.no_grad():
-                dense = time_fn(lambda moe=moe, x=x: moe(x), dev, args.iters)
+                with moe.tracing():  # static routing, fused fc1: the dense path the export traces
+                    dense = time_fn(lambda moe=moe, x=x: moe(x), dev, args.iters)
                 default = smt.pick_config(tokens, dim, hidden, 2, 3)
                 configs = {default}
                 if args.tune:
@@ -193,16 +194,21 @@ def model_timing(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[s
     with torch.no_grad():
         model.set_routing("sparse")
         reference = model.to(dev)(probe.to(dev)).float().cpu()  # fp32 reference
-    model.set_routing("static")
-    for _, moe in model.moe_layers():
-        moe.fuse_fc1 = True
     model.half()
+    # The dense path is the one the export traces: static routing, the experts' fc1 fused into one matmul.
+    with model.tracing():
+        return _time_model(args, model, probe, reference)
+
+
+def _time_model(
+    args: argparse.Namespace, model: Any, probe: torch.Tensor, reference: torch.Tensor
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    dev = args.device
     accuracy: dict[str, Any] = {}
     with torch.no_grad():
         dense_out = model(probe.to(dev).half()).float().cpu()
-        smt.enable(model)
-        kernel_out = model(probe.to(dev).half()).float().cpu()
-        smt.disable(model)
+        with model.using_kernel("triton"):
+            kernel_out = model(probe.to(dev).half()).float().cpu()
     cos = torch.nn.functional.cosine_similarity
     accuracy["dense_fp16_cos_min"] = cos(dense_out, reference).min().item()
     accuracy["kernel_fp16_cos_min"] = cos(kernel_out, reference).min().item()
@@ -213,22 +219,17 @@ def model_timing(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[s
         x = torch.randn(batch, 3, 120, 120, device=dev, dtype=torch.float16)
         row: dict[str, Any] = {"batch": batch}
         for mode in ("dense", "kernel"):
-            if mode == "kernel":
-                smt.enable(model)
-            try:
-                with torch.no_grad():
-                    eager = time_fn(lambda x=x: model(x), dev, args.iters)
-                    row[f"{mode}_eager_ms"] = eager["median_ms"]
-                    best = eager["median_ms"]
-                    if batch <= args.graph_max_batch:
-                        replay = graphed(lambda x=x: model(x), dev)
-                        if replay is not None:
-                            row[f"{mode}_graph_ms"] = time_fn(replay, dev, args.iters)["median_ms"]
-                            best = min(best, row[f"{mode}_graph_ms"])
-                    row[f"{mode}_ms"] = best
-            finally:
-                if mode == "kernel":
-                    smt.disable(model)
+            kernel = model.using_kernel("triton") if mode == "kernel" else contextlib.nullcontext()
+            with kernel, torch.no_grad():
+                eager = time_fn(lambda x=x: model(x), dev, args.iters)
+                row[f"{mode}_eager_ms"] = eager["median_ms"]
+                best = eager["median_ms"]
+                if batch <= args.graph_max_batch:
+                    replay = graphed(lambda x=x: model(x), dev)
+                    if replay is not None:
+                        row[f"{mode}_graph_ms"] = time_fn(replay, dev, args.iters)["median_ms"]
+                        best = min(best, row[f"{mode}_graph_ms"])
+                row[f"{mode}_ms"] = best
             if dev == "cuda":
                 torch.cuda.empty_cache()
         row["speedup"] = row["dense_ms"] / row["kernel_ms"]

@@ -14,12 +14,12 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime_extensions")
 
 from facemoe.errors import ExportError  # noqa: E402
-from facemoe.export import gating_ort  # noqa: E402
 from facemoe.export.graph_check import check_graph  # noqa: E402
 from facemoe.export.onnx_export import export_fp32, run_onnx  # noqa: E402
+from facemoe.gating import ort as gating_ort  # noqa: E402
+from facemoe.gating.torch_op import reference_sparse_moe  # noqa: E402
 from facemoe.model import build_model  # noqa: E402
 from facemoe.model.moe import MoE  # noqa: E402
-from facemoe.model.moe_plugin import reference_sparse_moe, stacked_weights  # noqa: E402
 
 PARITY_BATCHES = (1, 5)
 
@@ -62,10 +62,8 @@ def test_plugin_graph_matches_standard_graph(exported, tiny_model, batch):
     want = run_onnx(standard, x)
     got = run_onnx(plugin, x, custom_ops=True)
     assert np.abs(got - want).max() <= 1e-5
-    with torch.no_grad():
-        tiny_model.set_routing("sparse")
+    with torch.no_grad(), tiny_model.using_routing("sparse"):
         reference = tiny_model(torch.from_numpy(x)).numpy()
-        tiny_model.set_routing("static")
     assert np.abs(got - reference).max() <= 1e-4
 
 
@@ -83,7 +81,7 @@ def test_onnxruntime_kernel_runs_without_torch(exported):
     _, plugin, _ = exported
     code = (
         "import sys, numpy as np, onnxruntime as ort\n"
-        "from facemoe.export.gating_ort import register_custom_ops\n"
+        "from facemoe.gating.ort import register_custom_ops\n"
         "options = ort.SessionOptions()\n"
         "assert register_custom_ops(options, required=True)\n"
         f"session = ort.InferenceSession({str(plugin)!r}, options, providers=['CPUExecutionProvider'])\n"
@@ -109,7 +107,7 @@ def test_export_refuses_unsupported_configurations(tmp_path):
 
 def test_numpy_kernel_matches_reference_with_uneven_routing():
     gen = torch.Generator().manual_seed(5)
-    moe = MoE(32, 64, num_experts=4, k=2)
+    moe = MoE(32, 64, num_experts=4, k=2, routing="sparse")
     x = torch.randn(37, 32, generator=gen)
     with torch.no_grad():
         for p in moe.parameters():
@@ -118,13 +116,10 @@ def test_numpy_kernel_matches_reference_with_uneven_routing():
         # token, expert 3 by none (an empty group), experts 1 and 2 share the second places.
         x[:, 0] = 5.0
         moe.router.gate.weight[:, 0] = torch.tensor([10.0, 0.0, 0.0, -10.0])
-    moe.routing = "sparse"
-    moe.record_routing = True
-    with torch.no_grad():
+    with torch.no_grad(), moe.recording_routing() as calls:
         want = moe(x).numpy()
-        weights = [w.detach().numpy() for w in stacked_weights(moe)]
-    assert moe.last_routing is not None
-    load = torch.bincount(moe.last_routing.flatten(), minlength=4).tolist()
+        weights = [w.detach().numpy() for w in moe.stacked_weights()]
+    load = torch.bincount(calls[0].flatten(), minlength=4).tolist()
     assert load[0] == 37 and load[3] == 0 and 0 < load[1] < 37
     got = gating_ort.sparse_moe(x.numpy(), *weights, k=2)
     assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
@@ -147,13 +142,53 @@ def test_erf_is_accurate():
 
 def test_reference_function_matches_moe_module():
     gen = torch.Generator().manual_seed(2)
-    moe = MoE(16, 32, num_experts=3, k=1)
+    moe = MoE(16, 32, num_experts=3, k=1, routing="sparse")
     x = torch.randn(11, 16, generator=gen)
-    moe.routing = "sparse"
     with torch.no_grad():
         want = moe(x)
-        got = reference_sparse_moe(x, *stacked_weights(moe), k=1)
-        moe.gating = "plugin"
-        via_op = moe(x.reshape(1, 11, 16)).reshape(11, 16)
+        got = reference_sparse_moe(x, *moe.stacked_weights(), k=1)
+        with moe.tracing(gating="plugin"):
+            via_op = moe(x.reshape(1, 11, 16)).reshape(11, 16)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     torch.testing.assert_close(via_op, want, rtol=0, atol=1e-6)
+
+
+def test_old_import_paths_still_work():
+    """The TensorRT plugin and older callers import the op from its former modules."""
+    from facemoe.export import gating_ort as old_ort
+    from facemoe.gating import onnx_graph, spec
+    from facemoe.model import moe_plugin
+
+    assert old_ort.register_custom_ops is gating_ort.register_custom_ops
+    assert old_ort.name_op_weights is onnx_graph.name_op_weights
+    assert moe_plugin.reference_sparse_moe is reference_sparse_moe
+    assert (moe_plugin.DOMAIN, moe_plugin.OP_TYPE, moe_plugin.OP_VERSION) == (spec.DOMAIN, spec.OP_TYPE, 1)
+    moe = MoE(16, 32, num_experts=3, k=2)
+    assert moe_plugin.block_shape(moe) == (16, 32)
+    assert [tuple(w.shape) for w in moe_plugin.stacked_weights(moe)] == [
+        (3, 16),
+        (3, 32, 16),
+        (3, 32),
+        (3, 16, 32),
+        (3, 16),
+    ]
+
+
+def test_gating_package_imports_no_model_export_or_runtime():
+    """The op sits below the model, the export and the runtime: importing it pulls in none of them (no cycle),
+    and the ONNX Runtime side imports neither torch nor onnxruntime-extensions until registration."""
+    code = (
+        "import sys\n"
+        "import facemoe.gating.spec, facemoe.gating.ort, facemoe.gating.onnx_graph\n"
+        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('facemoe.model', 'facemoe.export', "
+        "'facemoe.runtime', 'onnxruntime_extensions')))\n"
+        "import facemoe.gating.torch_op\n"
+        "layers = ('facemoe.model', 'facemoe.export', 'facemoe.runtime')\n"
+        "bad += sorted(m for m in sys.modules if m.startswith(layers))\n"
+        "import facemoe.model.moe\n"
+        "bad += [m for m in ('facemoe.model.moe_plugin', 'facemoe.gating.triton') if m in sys.modules]\n"
+        "print(bad)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"

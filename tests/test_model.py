@@ -19,18 +19,21 @@ from paths import STATE_DICT_TSV  # noqa: E402
 @pytest.mark.parametrize("routing", ["sparse", "static"])
 def test_golden_outputs_and_routing(golden, routing):
     model = load_checkpoint(golden["state_dict"], config=golden["config"], k=2, routing=routing)
-    for _, moe in model.moe_layers():
-        moe.record_routing = True
-        moe.track_aux_loss = True
-    with torch.no_grad():
+    with torch.no_grad(), model.recording_routing() as record, model.tracking_aux_loss() as losses:
         out = model(golden["inputs"])
     assert (out - golden["outputs"]).abs().max().item() <= 1e-5
-    for name, moe in model.moe_layers():
+    assert list(record) == [name for name, _ in model.moe_layers()]
+    for name, calls in record.items():
         expected = golden["routing"][name]
-        got = moe.last_routing[: expected.shape[0]]
+        assert len(calls) == 1, name
+        got = calls[0][: expected.shape[0]]
         # Identical top-2 expert sets and order (torch.topk sorts by logit, descending).
         assert torch.equal(got, expected), name
-    assert model.aux_loss().item() == pytest.approx(golden["aux_loss"].item(), rel=1e-5)
+    assert len(losses) == len(model.moe_layers())
+    assert torch.stack(losses).sum().item() == pytest.approx(golden["aux_loss"].item(), rel=1e-5)
+    with torch.no_grad():
+        model(golden["inputs"][:1])
+    assert all(len(calls) == 1 for calls in record.values()), "nothing is recorded after the block"
 
 
 def test_golden_gate_weights_are_raw_logits(golden):
@@ -56,12 +59,12 @@ def test_sparse_equals_static_on_fresh_weights():
 
 def test_fused_fc1_matches_separate_experts(golden_model, golden):
     with torch.no_grad():
-        plain = golden_model.set_routing("static")(golden["inputs"])
-        for _, moe in golden_model.moe_layers():
-            moe.fuse_fc1 = True
-        fused = golden_model(golden["inputs"])
-        for _, moe in golden_model.moe_layers():
-            moe.fuse_fc1 = False
+        plain = golden_model.set_routing("sparse")(golden["inputs"])
+        with golden_model.tracing():  # static routing with the experts' fc1 fused into one matmul
+            assert golden_model.routing == "static"
+            fused = golden_model(golden["inputs"])
+    assert golden_model.routing == "sparse", "the traced configuration ends with the block"
+    golden_model.set_routing("static")
     assert (plain - fused).abs().max().item() <= 1e-5
 
 
@@ -153,8 +156,7 @@ def test_packed_experts_match_per_expert_path_and_drop_on_conversion(tiny_model,
     x = torch.randn(2, 3, 120, 120, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want = model(x)
-        for _, moe in model.moe_layers():
-            moe.pack_experts()
+        model.pack_experts()
         calls = []
         real = torch.baddbmm
         monkeypatch.setattr(torch, "baddbmm", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -163,11 +165,46 @@ def test_packed_experts_match_per_expert_path_and_drop_on_conversion(tiny_model,
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
         # The experts' parameters are views of the packed weights: the state dict is unchanged.
         assert model.state_dict().keys() == tiny_model.state_dict().keys()
-        for _, moe in model.moe_layers():
-            moe.packed_max_tokens = 0  # large calls use the per-expert GEMMs on the same storage
+        model.pack_experts(max_tokens=0)  # larger calls use the per-expert GEMMs on the same storage
         calls.clear()
         torch.testing.assert_close(model(x), want, atol=1e-5, rtol=0)
         assert not calls
         model.double()
-        assert all(moe._packed is None for _, moe in model.moe_layers())
+        assert not any(moe.packed for _, moe in model.moe_layers())
         torch.testing.assert_close(model(x.double()).float(), want, atol=1e-4, rtol=0)
+
+
+def test_mode_attributes_are_owned_by_the_block(tiny_model) -> None:
+    moe = tiny_model.moe_layers()[0][1]
+    for name in ("record_routing", "fuse_fc1", "gating", "routing", "track_aux_loss", "packed_max_tokens"):
+        with pytest.raises(AttributeError, match=f"MoE.{name} is not set from outside"):
+            setattr(moe, name, True)
+    with pytest.raises(ValueError, match="routing must be one of"):
+        moe.set_routing("dense")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="gating must be one of"), tiny_model.tracing(gating="fused"):  # type: ignore[arg-type]
+        pass
+    assert tiny_model.routing == "static" and moe.gating == "onnx" and tiny_model.training is False
+
+
+def test_context_managers_restore_the_previous_mode(tiny_model) -> None:
+    model = copy.deepcopy(tiny_model).train().set_routing("sparse")
+    x = torch.randn(2, 3, 120, 120, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), model.recording_routing() as outer:
+        with model.tracing(gating="plugin"):
+            assert model.training is False and model.routing == "static"
+            assert {moe.gating for _, moe in model.moe_layers()} == {"plugin"}
+            model(x)  # traced form: nothing recorded
+        with model.using_routing("static"):
+            assert model.routing == "static"
+        model(x)
+    assert model.training and model.routing == "sparse"
+    assert {moe.gating for _, moe in model.moe_layers()} == {"onnx"}
+    assert all(len(calls) == 1 for calls in outer.values())
+
+
+def test_a_refused_kernel_leaves_every_block_as_it_was(tiny_model) -> None:
+    model = copy.deepcopy(tiny_model)
+    model.moe_layers()[-1][1].k = 3  # only the last block is outside the kernels' range
+    with pytest.raises(ValueError, match=r"cannot use the sparse MoE kernel: k=3"), model.using_kernel("triton"):
+        pass
+    assert {moe.kernel for _, moe in model.moe_layers()} == {"torch"}

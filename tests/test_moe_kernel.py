@@ -21,9 +21,8 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-from facemoe.kernels import sparse_moe_triton as smt  # noqa: E402
+from facemoe.gating import triton as smt  # noqa: E402
 from facemoe.model.moe import MoE  # noqa: E402
-from facemoe.model.moe_plugin import stacked_weights  # noqa: E402
 
 
 def _moe(dim: int, hidden: int, num_experts: int, k: int, seed: int) -> MoE:
@@ -43,7 +42,7 @@ def _run(moe: MoE, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, t
             for p in moe.experts.parameters():
                 p.copy_(p.to(dtype).float())
         want = moe(x)
-        router, w1, b1, w2, b2 = stacked_weights(moe)
+        router, w1, b1, w2, b2 = moe.stacked_weights()
         dev = [t.to(DEVICE) for t in (router, w1.to(dtype), b1.to(dtype), w2.to(dtype), b2.to(dtype))]
         got = smt.sparse_moe(x.to(dtype).to(DEVICE), *dev, k=moe.k)
     return got.float().cpu(), want
@@ -75,10 +74,9 @@ def test_uneven_loads_and_an_empty_expert():
     x[:, 0] = 5.0
     with torch.no_grad():
         moe.router.gate.weight[:, 0] = torch.tensor([10.0, 0.0, 0.0, -10.0])
-    moe.record_routing = True
-    got, want = _run(moe, x, torch.float32)
-    assert moe.last_routing is not None
-    load = torch.bincount(moe.last_routing.flatten(), minlength=4).tolist()
+    with moe.recording_routing() as calls:
+        got, want = _run(moe, x, torch.float32)
+    load = torch.bincount(calls[0].flatten(), minlength=4).tolist()
     assert load[0] == 70 and load[3] == 0
     assert (got - want).abs().max().item() <= 2e-6 * want.abs().max().item()
 
@@ -111,21 +109,39 @@ def test_grouping_covers_every_assignment_once():
             assert (flat[rows.long()] == expert).all()
 
 
-def test_enable_swaps_the_model_forward(tiny_model):
+def test_model_runs_its_moe_blocks_through_the_kernel(tiny_model):
     x = torch.randn(1, 3, 120, 120, generator=torch.Generator().manual_seed(0))
     model = tiny_model
+    blocks = [moe for _, moe in model.moe_layers()]
     with torch.no_grad():
-        model.set_routing("sparse")
-        want = model(x)
-        model.set_routing("static")
-        assert smt.enable(model) == len(model.moe_layers())
+        with model.using_routing("sparse"):
+            want = model(x)
         try:
-            got = model.to(DEVICE)(x.to(DEVICE)).cpu()
+            with model.using_kernel("triton"):
+                assert model.kernel == "triton"
+                got = model.to(DEVICE)(x.to(DEVICE)).cpu()
+                # Only the kernel path builds the stacked weights: every block ran through it.
+                assert all(moe._kernel_weights is not None for moe in blocks)
         finally:
-            assert smt.disable(model) == len(model.moe_layers())
             model.cpu()
     assert (got - want).abs().max().item() <= 1e-4
-    assert "forward" not in model.moe_layers()[0][1].__dict__
+    assert model.kernel == "torch" and all(moe._kernel_weights is None for moe in blocks)
+    assert "forward" not in blocks[0].__dict__, "no monkeypatching"
+
+
+def test_kernel_as_a_construction_choice():
+    moe = _moe(32, 64, 3, 2, seed=9)
+    built = MoE(32, 64, 3, 2, kernel="triton")
+    built.load_state_dict(moe.state_dict())
+    x = torch.randn(20, 32, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        want = moe(x)
+        got = built.to(DEVICE)(x.to(DEVICE)).cpu()
+    assert (got - want).abs().max().item() <= 2e-6 * want.abs().max().item()
+    with pytest.raises(RuntimeError, match="torch kernel only"), built.recording_routing():
+        pass
+    with pytest.raises(ValueError, match=r"cannot use the sparse MoE kernel: k=3"):
+        MoE(32, 64, 3, 3, kernel="triton")
 
 
 @pytest.mark.parametrize(
@@ -137,7 +153,7 @@ def test_single_launch_kernel_matches_sparse_reference(tokens, dim, hidden, num_
     moe = _moe(dim, hidden, num_experts, k, seed=tokens)
     x = torch.randn(tokens, dim, generator=torch.Generator().manual_seed(tokens)).to(dtype)
     with torch.no_grad():
-        weights = [t.to(dtype) for t in stacked_weights(moe)]
+        weights = [t.to(dtype) for t in moe.stacked_weights()]
         moe.router.gate.weight.copy_(weights[0].float())  # the kernel sees the router in the input dtype
         for p in moe.experts.parameters():
             p.copy_(p.to(dtype).float())

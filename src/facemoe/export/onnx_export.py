@@ -39,19 +39,8 @@ def export_mode(model: FaceMoE, gating: str = "onnx") -> Iterator[FaceMoE]:
 
     ``gating="plugin"`` makes every MoE block trace to one ``facemoe::SparseMoE`` node (docs/GATING_OP.md).
     """
-    saved = [(m, m.routing, m.fuse_fc1, m.record_routing, m.track_aux_loss, m.gating) for _, m in model.moe_layers()]
-    was_training = model.training
-    model.eval()
-    for _, moe in model.moe_layers():
-        moe.routing, moe.fuse_fc1, moe.record_routing, moe.track_aux_loss = "static", True, False, False
-        moe.gating = gating  # type: ignore[assignment]
-    try:
+    with model.tracing(gating=gating):  # type: ignore[arg-type]
         yield model
-    finally:
-        for moe, routing, fuse, record, aux, gate in saved:
-            moe.routing, moe.fuse_fc1, moe.record_routing, moe.track_aux_loss = routing, fuse, record, aux
-            moe.gating = gate
-        model.train(was_training)
 
 
 def release_memory() -> None:

@@ -140,23 +140,12 @@ def run_artifact(
 @torch.no_grad()
 def run_reference(model: FaceMoE, inputs: np.ndarray, batch_size: int = 16) -> tuple[np.ndarray, list[np.ndarray]]:
     """PyTorch fp32 reference in ``sparse`` routing: embeddings and per-layer top-k indices."""
-    saved = model.routing
-    model.set_routing("sparse").eval()
-    layers = [m for _, m in model.moe_layers()]
-    for moe in layers:
-        moe.record_routing = True
-    embeddings, routes = [], [[] for _ in layers]
-    try:
+    embeddings: list[np.ndarray] = []
+    with model.using_routing("sparse"), model.recording_routing() as record:
+        model.eval()
         for start in range(0, len(inputs), batch_size):
             embeddings.append(model(torch.from_numpy(inputs[start : start + batch_size]).float()).numpy())
-            for i, moe in enumerate(layers):
-                assert moe.last_routing is not None
-                routes[i].append(moe.last_routing.numpy())
-    finally:
-        for moe in layers:
-            moe.record_routing = False
-            moe.last_routing = None
-        model.set_routing(saved)  # type: ignore[arg-type]
+    routes = [[idx.numpy() for idx in calls] for calls in record.values()]
     return np.concatenate(embeddings), [np.concatenate(r) for r in routes]
 
 

@@ -1,1 +1,1 @@
-"""GPU kernels (torch + triton, imported lazily): ``facemoe.kernels.sparse_moe_triton``."""
+"""Former home of the GPU kernels; they live in :mod:`facemoe.gating.triton` (``sparse_moe_triton`` re-exports)."""

@@ -7,7 +7,7 @@ from typing import Any
 
 from facemoe.errors import FaceMoEError
 
-# Keywords the official training scripts pass that have no effect on the model (spec §1).
+# Keywords the official training scripts pass that have no effect on the model (docs/ARCHITECTURE.md).
 _IGNORED_OFFICIAL_KEYS = {
     "dropout",
     "fp16",
@@ -120,12 +120,12 @@ class FaceMoEConfig:
 
 
 PRESETS: dict[str, FaceMoEConfig] = {
-    # The released 120x120 model (spec §1): 463,981,776 parameters.
+    # The released 120x120 model (docs/ARCHITECTURE.md): 463,981,776 parameters.
     "full": FaceMoEConfig(),
     # The golden-data config: same key layout as "full" with layers.1 holding 2 blocks; 2.9M parameters.
     "tiny": FaceMoEConfig(embed_dim=32, depths=(2, 2, 2), num_heads=(2, 4, 4)),
 }
-# "small" is the name the issues use for the test/demo preset.
+# "small" is an alias of "tiny", the name the test and demo commands also accept.
 PRESETS["small"] = PRESETS["tiny"]
 
 

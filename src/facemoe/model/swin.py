@@ -1,17 +1,23 @@
-"""FaceMoE Swin backbone, written from the architecture spec (shared/reference).
+"""FaceMoE Swin backbone, written from the official architecture (docs/ARCHITECTURE.md).
 
 Export-minded choices: every reshape that involves the batch uses -1 (never a traced batch size), window
 and grid sizes are Python ints fixed by the config, and the shifted-window mask is a buffer, so the traced
 graph works for any batch size.
+
+Modes are chosen at construction (``routing``, ``kernel``) or changed through the model's own methods and
+context managers, which apply to every MoE block (:class:`facemoe.model.moe.MoE`).
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from facemoe.model.config import FaceMoEConfig
-from facemoe.model.moe import MoE, RoutingMode
+from facemoe.model.moe import PACKED_MAX_TOKENS, GatingMode, MoE, MoEKernel, RoutingMode
 
 
 def relative_position_index(window: int) -> torch.Tensor:
@@ -21,7 +27,7 @@ def relative_position_index(window: int) -> torch.Tensor:
 
 
 def shifted_window_mask(side: int, window: int, shift: int) -> torch.Tensor:
-    """(nW, w*w, w*w) mask: 0 within a region, -100 across regions (spec §2.2)."""
+    """(nW, w*w, w*w) mask: 0 within a region, -100 across regions (docs/ARCHITECTURE.md)."""
     labels = torch.zeros(side, side)
     bounds = (slice(0, side - window), slice(side - window, side - shift), slice(side - shift, side))
     region = 0
@@ -84,7 +90,15 @@ class WindowAttention(nn.Module):
 
 class SwinMoEBlock(nn.Module):
     def __init__(
-        self, dim: int, side: int, heads: int, window: int, shift: int, cfg: FaceMoEConfig, routing: RoutingMode
+        self,
+        dim: int,
+        side: int,
+        heads: int,
+        window: int,
+        shift: int,
+        cfg: FaceMoEConfig,
+        routing: RoutingMode,
+        kernel: MoEKernel = "torch",
     ) -> None:
         super().__init__()
         if side <= window:  # the whole grid is one window: plain global attention, no shift
@@ -97,7 +111,7 @@ class SwinMoEBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, window, heads, cfg.qkv_bias)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = MoE(dim, int(dim * cfg.mlp_ratio), cfg.num_experts, cfg.k, routing)
+        self.mlp = MoE(dim, int(dim * cfg.mlp_ratio), cfg.num_experts, cfg.k, routing, kernel=kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         channels = x.shape[-1]
@@ -129,12 +143,12 @@ class PatchMerging(nn.Module):
 
 
 class Stage(nn.Module):
-    def __init__(self, cfg: FaceMoEConfig, index: int, routing: RoutingMode) -> None:
+    def __init__(self, cfg: FaceMoEConfig, index: int, routing: RoutingMode, kernel: MoEKernel = "torch") -> None:
         super().__init__()
         dim, side = cfg.stage_dim(index), cfg.stage_resolution(index)
         heads, window = cfg.num_heads[index], cfg.window_size
         self.blocks = nn.ModuleList(
-            SwinMoEBlock(dim, side, heads, window, 0 if i % 2 == 0 else window // 2, cfg, routing)
+            SwinMoEBlock(dim, side, heads, window, 0 if i % 2 == 0 else window // 2, cfg, routing, kernel)
             for i in range(cfg.depths[index])
         )
         self.downsample = PatchMerging(dim, side) if index < cfg.num_stages - 1 else None
@@ -158,16 +172,17 @@ class PatchEmbed(nn.Module):
 class FaceMoE(nn.Module):
     """FaceMoE backbone: (B, 3, 120, 120) in [-1, 1] -> (B, 512) raw (un-normalised) embedding."""
 
-    def __init__(self, cfg: FaceMoEConfig, routing: RoutingMode = "static") -> None:
+    def __init__(self, cfg: FaceMoEConfig, routing: RoutingMode = "static", *, kernel: MoEKernel = "torch") -> None:
         super().__init__()
         self.config = cfg
         tokens = cfg.grid**2
+        self.absolute_pos_embed: nn.Parameter | None
         if cfg.ape:
             self.absolute_pos_embed = nn.Parameter(torch.zeros(1, tokens, cfg.embed_dim))
         else:
             self.absolute_pos_embed = None
         self.patch_embed = PatchEmbed(cfg)
-        self.layers = nn.ModuleList(Stage(cfg, i, routing) for i in range(cfg.num_stages))
+        self.layers = nn.ModuleList(Stage(cfg, i, routing, kernel) for i in range(cfg.num_stages))
         self.norm = nn.LayerNorm(cfg.num_features)
         flat = cfg.num_features * cfg.final_tokens
         self.feature_layer = nn.Sequential(
@@ -197,6 +212,10 @@ class FaceMoE(nn.Module):
     def routing(self) -> str:
         return self.moe_layers()[0][1].routing
 
+    @property
+    def kernel(self) -> str:
+        return self.moe_layers()[0][1].kernel
+
     def moe_layers(self) -> list[tuple[str, MoE]]:
         """(state-dict prefix, module) of every MoE block, in forward order."""
         return [(name, m) for name, m in self.named_modules() if isinstance(m, MoE)]
@@ -205,7 +224,7 @@ class FaceMoE(nn.Module):
         if routing not in ("sparse", "static"):
             raise ValueError(f"routing must be 'sparse' or 'static', not {routing!r}")
         for _, moe in self.moe_layers():
-            moe.routing = routing
+            moe.set_routing(routing)
         return self
 
     def set_k(self, k: int) -> FaceMoE:
@@ -215,9 +234,64 @@ class FaceMoE(nn.Module):
             moe.k = k
         return self
 
-    def aux_loss(self) -> torch.Tensor | None:
-        losses = [m.aux_loss for _, m in self.moe_layers() if m.aux_loss is not None]
-        return torch.stack(losses).sum() if losses else None
+    def pack_experts(self, max_tokens: int = PACKED_MAX_TOKENS) -> FaceMoE:
+        """:meth:`MoE.pack_experts` on every block (after the final ``.to()``/``.half()``)."""
+        for _, moe in self.moe_layers():
+            moe.pack_experts(max_tokens)
+        return self
+
+    def _each_block(self, enter: str, *args: object) -> contextlib.ExitStack:
+        """One ExitStack holding ``moe.<enter>(*args)`` of every block; a block that refuses undoes the others."""
+        stack = contextlib.ExitStack()
+        try:
+            for _, moe in self.moe_layers():
+                stack.enter_context(getattr(moe, enter)(*args))
+        except BaseException:
+            stack.close()
+            raise
+        return stack
+
+    @contextlib.contextmanager
+    def using_routing(self, routing: RoutingMode) -> Iterator[FaceMoE]:
+        """Run in ``routing`` inside the block; the previous routing comes back at the exit."""
+        saved = [(moe, moe.routing) for _, moe in self.moe_layers()]
+        self.set_routing(routing)
+        try:
+            yield self
+        finally:
+            for moe, previous in saved:
+                moe.set_routing(previous)
+
+    @contextlib.contextmanager
+    def using_kernel(self, kernel: MoEKernel) -> Iterator[FaceMoE]:
+        """Compute every MoE block with ``kernel`` (``"triton"``: the sparse GPU kernels, inference only)."""
+        with self._each_block("using_kernel", kernel):
+            yield self
+
+    @contextlib.contextmanager
+    def recording_routing(self) -> Iterator[dict[str, list[torch.Tensor]]]:
+        """Per MoE block (state-dict prefix, forward order), the (tokens, k) expert indices of every forward."""
+        with contextlib.ExitStack() as stack:
+            yield {name: stack.enter_context(moe.recording_routing()) for name, moe in self.moe_layers()}
+
+    @contextlib.contextmanager
+    def tracking_aux_loss(self) -> Iterator[list[torch.Tensor]]:
+        """The official auxiliary loss of every block and forward inside the block; sum them for training."""
+        losses: list[torch.Tensor] = []
+        with self._each_block("tracking_aux_loss", losses):
+            yield losses
+
+    @contextlib.contextmanager
+    def tracing(self, gating: GatingMode = "onnx") -> Iterator[FaceMoE]:
+        """The configuration the ONNX export traces: eval, static routing, fused fc1, torch ops, no records;
+        ``gating="plugin"`` makes every MoE block one ``facemoe::SparseMoE`` node (docs/GATING_OP.md)."""
+        was_training = self.training
+        self.eval()
+        try:
+            with self._each_block("tracing", gating):
+                yield self
+        finally:
+            self.train(was_training)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)

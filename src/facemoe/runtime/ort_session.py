@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import onnx
 
+from facemoe.gating.spec import DOMAIN
 from facemoe.runtime.int8_cpu import (
     INT8_ENCODINGS,
     apply_encoding,
@@ -23,8 +24,8 @@ from facemoe.runtime.int8_cpu import (
 )
 
 Optimization = Literal["all", "extended", "basic", "disabled"]
-# The custom-op domain of the optional MoE gating node (docs/GATING_OP.md).
-CUSTOM_DOMAIN = "facemoe"
+# The custom-op domain of the optional MoE gating node (docs/GATING_OP.md); re-exported for callers.
+CUSTOM_DOMAIN = DOMAIN
 # Preference order; the CPU provider is always last and always present.
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -112,8 +113,8 @@ def create_session(
     if optimized_model_path is not None:
         options.optimized_model_filepath = str(optimized_model_path)
     if custom_ops:
-        # onnxruntime-extensions imports torch when it is installed: only plugin graphs pay for it.
-        from facemoe.export.gating_ort import register_custom_ops
+        # Imported here: only plugin graphs load onnxruntime-extensions (torch stays hidden from it).
+        from facemoe.gating.ort import register_custom_ops
 
         register_custom_ops(options, required=True)
     if proto is not None:

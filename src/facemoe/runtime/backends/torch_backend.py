@@ -230,8 +230,7 @@ class TorchBackend(Backend):
         self.model: FaceMoE = model.to(self.torch_device)
         if routing == "static" and self.half != "gemm":
             # The hybrid keeps per-expert fp16 hooks, which the packed path would bypass.
-            for _, moe in self.model.moe_layers():
-                moe.pack_experts()
+            self.model.pack_experts()
         self.compiled = bool(compile) and compile_blocks(self.model) > 0
         self.precision = precision
         self.routing = routing
