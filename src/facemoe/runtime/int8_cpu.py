@@ -1,7 +1,7 @@
 """INT8 on x86 CPUs: which weight encoding ONNX Runtime's integer kernels compute exactly on this processor.
 
 The bundle's ``model.int8.onnx`` is the graph TensorRT consumes: symmetric int8, zero point 0, per-channel
-weights using the full range [-127, 127] (docs/EXPORT.md#int8-explicit-qdq-calibrated-on-low-resolution-faces). ONNX Runtime's CPU optimizer fuses its
+weights using the full range [-127, 127] (docs/PRECISION.md#int8-qdq). ONNX Runtime's CPU optimizer fuses its
 Q/DQ pairs into integer GEMMs (MatMulIntegerToFloat, QGemm, QLinearConv) that run on MLAS kernels chosen
 by the processor's instruction set:
 
