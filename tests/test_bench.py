@@ -143,6 +143,10 @@ def test_config_validation() -> None:
 class CountingBackend(Backend):
     name = "counting"
 
+    @classmethod
+    def from_bundle(cls, bundle, precision="fp32", max_batch=32, *, device=None, threads=None):  # type: ignore[no-untyped-def]
+        return cls()
+
     def __init__(self) -> None:
         self.calls = 0
 
