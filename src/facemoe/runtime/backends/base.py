@@ -135,7 +135,10 @@ class Backend(abc.ABC):
         since ``reset_peak_memory``; TensorRT: engine + context + IO buffers), ``engine_activation_bytes``
         (TensorRT), ``host_rss_bytes`` and ``peak_host_rss_bytes`` (the whole process; the peak only grows).
         """
-        return {"host_rss_bytes": rss_bytes(), "peak_host_rss_bytes": peak_rss_bytes()}
+        now, peak = rss_bytes(), peak_rss_bytes()
+        if now is not None and peak is not None:
+            peak = max(peak, now)  # the kernel updates its high-water mark lazily
+        return {"host_rss_bytes": now, "peak_host_rss_bytes": peak}
 
     def notes(self) -> list[str]:
         """Short remarks for reports: options in force, fallbacks taken at run time."""

@@ -117,8 +117,9 @@ class OnnxRuntimeBackend(Backend):
         threads: int | None = None,
         providers: list[str] | None = None,
     ) -> OnnxRuntimeBackend:
-        """``device`` picks the execution providers (``cpu``; ``cuda``: CUDA, then the CPU for what it
-        lacks); None or explicit ``providers`` take precedence in ``ort_session.PROVIDER_ORDER``."""
+        """``device`` picks the execution providers: ``cpu``, or ``cuda`` (CUDA, the CPU for what it lacks).
+        With None, ``ort_session.create_session`` takes the first available in its ``PROVIDER_ORDER``;
+        explicit ``providers`` override both."""
         path = bundle.artifact_path(precision, verify=True)
         custom = bundle.artifact(precision).gating == "plugin"
         backend = cls(
