@@ -1,4 +1,5 @@
-"""Backends on the CPU: ONNX Runtime batching, backend selection, the PyTorch backend's CPU mode."""
+"""Backends on the CPU: the interface (life cycle, memory statistics, uniform opening), ONNX Runtime
+batching, backend selection, the PyTorch backend's CPU mode, the reference model loader."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from facemoe.bundle import MANIFEST_NAME, Bundle
-from facemoe.errors import BundleError
+from facemoe.errors import BundleError, FaceMoEError
 from facemoe.fileio import write_json_atomic
 from facemoe.runtime.backends import BackendUnavailable, open_backend
 from facemoe.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
@@ -19,7 +20,8 @@ from facemoe.runtime.engine_identity import detect_device, import_tensorrt
 torch = pytest.importorskip("torch")
 
 from facemoe.export.onnx_export import run_onnx  # noqa: E402  (needs torch)
-from facemoe.runtime.backends.torch_backend import TorchBackend, apply_fp16, buckets_for  # noqa: E402
+from facemoe.model.inference import apply_fp16, load_reference_model, model_fingerprint  # noqa: E402
+from facemoe.runtime.backends.torch_backend import TorchBackend, buckets_for  # noqa: E402
 
 NO_GPU = not detect_device().has_gpu
 
@@ -55,6 +57,36 @@ def test_onnxruntime_refuses_a_modified_artifact(tiny_bundle: Path, tmp_path: Pa
         handle.write(b"\0")
     with pytest.raises(BundleError, match="does not match the manifest"):
         OnnxRuntimeBackend.from_bundle(Bundle(copy), "fp32")
+
+
+def test_backend_is_a_context_manager_that_releases_its_session(tiny_bundle: Path) -> None:
+    with open_backend(tiny_bundle, "onnxruntime", "fp32", max_batch=2, threads=1) as backend:
+        assert backend.embed(faces(3)).shape == (3, backend.embedding_size)
+        stats = backend.memory_stats()
+    assert backend.session is None  # type: ignore[attr-defined]
+    with pytest.raises(FaceMoEError, match="onnxruntime backend was closed"):
+        backend.embed(faces(1))
+    backend.close()  # idempotent
+    # ONNX Runtime reports no arena statistics: the process's resident set, now and at its peak.
+    assert "peak_device_memory_bytes" not in stats
+    assert 0 < stats["host_rss_bytes"] <= stats["peak_host_rss_bytes"]
+    assert backend.notes() == [] and backend.use_cuda_graphs(True) is False and not backend.cuda_graphs
+
+
+def test_uniform_from_bundle_signature(tiny_bundle: Path) -> None:
+    """Every backend opens with (bundle, precision, max_batch, *, device, threads)."""
+    bundle = Bundle(tiny_bundle)
+    batch = faces(4, seed=2)
+    ort_cpu = OnnxRuntimeBackend.from_bundle(bundle, "fp32", 2, device="cpu", threads=1)
+    assert ort_cpu.provider == "CPUExecutionProvider" and ort_cpu.max_batch == 2
+    with pytest.raises(BackendUnavailable, match="cpu or cuda"):
+        OnnxRuntimeBackend.from_bundle(bundle, "fp32", device="cuda:1")
+    threads = torch.get_num_threads()
+    with TorchBackend.from_bundle(bundle, "fp32", 2, device="cpu", threads=threads) as torch_cpu:
+        np.testing.assert_allclose(torch_cpu.embed(batch), ort_cpu.embed(batch), atol=1e-4, rtol=1e-4)
+        assert torch_cpu.use_cuda_graphs(True) is False  # graphs need a CUDA device
+        assert "peak_device_memory_bytes" not in torch_cpu.memory_stats()
+    assert not hasattr(torch_cpu, "model")  # close drops the model
 
 
 @pytest.mark.skipif(not NO_GPU, reason="auto picks a GPU backend where there is one")
@@ -121,6 +153,33 @@ def test_torch_backend_refusals(tiny_model, tiny_bundle: Path, tmp_path: Path) -
     write_json_atomic(copy / MANIFEST_NAME, data)
     with pytest.raises(BundleError, match="do not match the bundle's"):
         TorchBackend.from_bundle(Bundle(copy), "fp32", device="cpu")
+
+
+def test_reference_loader_checks_weights_sha256(tiny_model, tiny_bundle: Path, tmp_path: Path) -> None:
+    """``facemoe parity`` and the torch backend share one loader: the bundle's weights or a one-line error."""
+    from typer.testing import CliRunner
+
+    from facemoe.cli.main import app
+    from facemoe.model.random_weights import randomize
+
+    bundle = Bundle(tiny_bundle)
+    assert model_fingerprint(load_reference_model(bundle)) == bundle.manifest.model["weights_sha256"]
+    same, other = tmp_path / "same.pt", tmp_path / "other.pt"
+    torch.save(tiny_model.state_dict(), same)
+    torch.save(randomize(copy_of(tiny_model), seed=1).state_dict(), other)
+    assert model_fingerprint(load_reference_model(bundle, same)) == model_fingerprint(tiny_model)
+    with pytest.raises(BundleError, match=r"weights_sha256"):
+        load_reference_model(bundle, other)
+    result = CliRunner().invoke(app, ["parity", str(tiny_bundle), "--checkpoint", str(other)])
+    assert result.exit_code != 0
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "do not match the bundle's (weights_sha256)" in lines[0], result.output
+
+
+def copy_of(model):  # type: ignore[no-untyped-def]
+    import copy
+
+    return copy.deepcopy(model)
 
 
 def test_buckets() -> None:

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from facemoe.bench import BenchConfig, BenchReport, BenchRow, time_backend
-from facemoe.cli.bench_cmd import app
+from facemoe.bench import BACKENDS, BenchConfig, BenchReport, BenchRow, time_backend
+from facemoe.bench.sweep import _measure
+from facemoe.cli.bench_cmd import BENCH_BACKENDS, app
 from facemoe.errors import FaceMoEError
 from facemoe.runtime.backends.base import Backend
 from facemoe.runtime.engine_identity import import_tensorrt
@@ -116,8 +117,10 @@ def test_bench_bundle_onnxruntime_and_unavailable_tensorrt(tiny_bundle: Path, tm
         assert row["memory_kind"].startswith("process peak RSS")
     trt = [r for r in data["rows"] if r["backend"] == "tensorrt"]
     assert len(trt) == 4
+    # The tiny bundle has no engine, so TensorRT cannot run it anywhere: skipped, with the reason.
+    assert all(r["status"] == "skipped" and r["note"] for r in trt)
     if import_tensorrt() is None:
-        assert all(r["status"] == "skipped" and "TensorRT is not installed" in r["note"] for r in trt)
+        assert all("TensorRT is not installed" in r["note"] for r in trt)
 
 
 def test_bench_cli_errors(tmp_path: Path) -> None:
@@ -131,6 +134,11 @@ def test_bench_cli_errors(tmp_path: Path) -> None:
     assert code == 2 and "'maybe' is not one of 'on', 'off', 'both'" in output
 
 
+def test_cli_backend_names_match_the_sweep() -> None:
+    # The command checks names before importing the sweep; both lists must agree.
+    assert BENCH_BACKENDS == BACKENDS
+
+
 def test_config_validation() -> None:
     with pytest.raises(FaceMoEError, match="positive"):
         BenchConfig(batch_sizes=(0,)).validate()
@@ -142,6 +150,10 @@ def test_config_validation() -> None:
 
 class CountingBackend(Backend):
     name = "counting"
+
+    @classmethod
+    def from_bundle(cls, bundle, precision="fp32", max_batch=32, *, device=None, threads=None):  # type: ignore[no-untyped-def]
+        return cls()
 
     def __init__(self) -> None:
         self.calls = 0
@@ -159,6 +171,42 @@ def test_time_backend_warms_up_then_times() -> None:
     backend = CountingBackend()
     times = time_backend(backend, np.zeros((2, 3, 8, 8), np.float32), warmup=3, iterations=5)
     assert backend.calls == 8 and len(times) == 5 and all(t >= 0 for t in times)
+
+
+class DeviceBackend(CountingBackend):
+    """Reports device memory and a run-time note, as the GPU backends do."""
+
+    device = "cuda:0"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.resets = 0
+
+    def reset_peak_memory(self) -> None:
+        self.resets += 1
+
+    def memory_stats(self) -> dict:
+        return {**super().memory_stats(), "peak_device_memory_bytes": 12345, "kind": "device peak"}
+
+    def notes(self) -> list[str]:
+        return ["compiled", *super().notes()]
+
+
+def test_rows_take_memory_and_notes_from_the_backend_interface() -> None:
+    config = BenchConfig(warmup=1, iterations=2)
+    rng = np.random.default_rng(0)
+    device = DeviceBackend()
+    assert device.use_cuda_graphs(True) and device.cuda_graphs
+    device.cuda_graph_error = "capture failed, running without CUDA graphs: x"
+    row = _measure(device, "tensorrt", "fp16", "static", 2, config, rng, 8, log=lambda _: None)
+    assert (row.peak_memory_bytes, row.memory_kind, row.cuda_graphs) == (12345, "device peak", True)
+    assert row.note == "compiled; capture failed, running without CUDA graphs: x" and device.resets == 1
+    with CountingBackend() as host:
+        assert not host.use_cuda_graphs(True)  # a CPU backend has no CUDA graphs
+        row = _measure(host, "onnxruntime", "fp32", "static", 2, config, rng, 8, log=lambda _: None)
+    assert row.memory_kind.startswith("process peak RSS") and row.peak_memory_bytes and row.note == ""
+    with pytest.raises(FaceMoEError, match="counting backend was closed"):
+        host.embed(np.zeros((1, 3, 8, 8), np.float32))
 
 
 def test_report_collapses_only_identical_skips() -> None:

@@ -58,27 +58,14 @@ def parity(
 
     require_torch("facemoe parity")
     from facemoe.bundle import Bundle
-    from facemoe.errors import FaceMoEError
     from facemoe.export.bundle_writer import NOISE_FLOOR_CAPTION, NOISE_FLOOR_ROW, parity_table
     from facemoe.export.inputs import recorded_parity_inputs
     from facemoe.export.parity import DEFAULT_GATES, check_artifacts, noise_floor, run_reference
-    from facemoe.model import load_checkpoint
-    from facemoe.model.random_weights import randomize
+    from facemoe.model.inference import load_reference_model
 
     loaded = Bundle(bundle)
-    model_info = loaded.manifest.model
-    src = model_info.get("source", {})
-    cfg = model_info["config"]
-    if checkpoint is not None:
-        model = load_checkpoint(checkpoint, config=cfg, k=model_info["k"])
-    elif src.get("random_weights"):
-        from facemoe.model import build_model
-
-        model = randomize(build_model(cfg), seed=int(src.get("seed", 0)))
-    elif src.get("path") and Path(src["path"]).is_file():
-        model = load_checkpoint(src["path"], config=cfg, k=model_info["k"])
-    else:
-        raise FaceMoEError(f"{bundle}: the reference checkpoint is not available here; pass --checkpoint")
+    # The same loader as the torch backend: refuses weights other than the bundle's (weights_sha256).
+    model = load_reference_model(loaded, checkpoint)
     recorded = loaded.manifest.model.get("export", {}).get("parity_inputs", {})
     inputs, said = recorded_parity_inputs(Path(bundle), recorded, count)
     console.print(f"inputs: {said}")

@@ -8,7 +8,6 @@ directory that looks like a valid bundle.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import platform
 import time
 from collections.abc import Sequence
@@ -40,6 +39,7 @@ from facemoe.export.inputs import (
 from facemoe.export.onnx_export import INPUT_NAME, OUTPUT_NAME, export_fp32, release_memory, save_onnx
 from facemoe.export.parity import DEFAULT_GATES, ParityResult, check_artifacts, noise_floor, run_reference
 from facemoe.fileio import atomic_directory, sha256_file, write_json_atomic
+from facemoe.model.inference import model_fingerprint
 from facemoe.model.swin import FaceMoE, count_parameters
 
 
@@ -66,15 +66,6 @@ class ExportResult:
     manifest: Manifest
     parity: dict[str, ParityResult] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over every state-dict tensor (name, dtype, shape, bytes): identifies the weights."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def tool_versions() -> dict[str, str]:

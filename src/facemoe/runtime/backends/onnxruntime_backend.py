@@ -1,4 +1,8 @@
-"""ONNX Runtime backend: CUDA / TensorRT execution providers where present, else the CPU."""
+"""ONNX Runtime backend: CUDA / TensorRT execution providers where present, else the CPU.
+
+Memory: ONNX Runtime's Python API reports no arena statistics, so ``memory_stats`` gives the process's
+resident set (``Backend.memory_stats``).
+"""
 
 from __future__ import annotations
 
@@ -54,6 +58,22 @@ def check_interface(session, bundle: Bundle, path: Path) -> None:  # type: ignor
         raise BundleError(f"{path}: does not fit the bundle manifest: {'; '.join(problems)}")
 
 
+def _providers_for(device: str | None) -> list[str] | None:
+    if device is None:
+        return None
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device not in ("cuda", "cuda:0"):
+        raise BackendUnavailable(f"device {device!r}: the ONNX Runtime backend runs on cpu or cuda (GPU 0)")
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise BackendUnavailable(
+            f"this onnxruntime {ort.__version__} has no CUDA provider (install onnxruntime-gpu) or use device cpu"
+        )
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
@@ -91,16 +111,21 @@ class OnnxRuntimeBackend(Backend):
         cls,
         bundle: Bundle,
         precision: str = "fp32",
-        providers: list[str] | None = None,
         max_batch: int = 32,
+        *,
+        device: str | None = None,
         threads: int | None = None,
+        providers: list[str] | None = None,
     ) -> OnnxRuntimeBackend:
+        """``device`` picks the execution providers: ``cpu``, or ``cuda`` (CUDA, the CPU for what it lacks).
+        With None, ``ort_session.create_session`` takes the first available in its ``PROVIDER_ORDER``;
+        explicit ``providers`` override both."""
         path = bundle.artifact_path(precision, verify=True)
         custom = bundle.artifact(precision).gating == "plugin"
         backend = cls(
             path,
             precision,
-            providers,
+            providers or _providers_for(device),
             max_batch,
             threads,
             bundle.manifest.input_name,
@@ -120,6 +145,16 @@ class OnnxRuntimeBackend(Backend):
 
     def _embed_batch(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: batch})[0]
+
+    def use_cuda_graphs(self, enabled: bool) -> bool:
+        # ONNX Runtime's own CUDA-graph mode needs fixed input addresses, which this backend does not keep.
+        self.cuda_graphs = False
+        return False
+
+    def close(self) -> None:
+        """Drop the session: ONNX Runtime frees its memory arena with it."""
+        self._closed = True
+        self.session = None
 
     def describe(self) -> str:
         encoding = f", int8 weights {self.int8_encoding}" if self.int8_encoding else ""
