@@ -29,7 +29,10 @@ def parse_size(text: str) -> int:
 @user_errors
 def build_engine(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory (the engine goes to <bundle>/engines/).")],
-    precision: Annotated[str, typer.Option(help="fp16, int8 or fp32: which ONNX artifact to build.")] = "fp16",
+    precision: Annotated[
+        str | None,
+        typer.Option(help="fp16, int8 or fp32: the ONNX to build (default: the fastest that passed parity)."),
+    ] = None,
     min_batch: Annotated[int, typer.Option(help="Smallest batch of the optimisation profile.")] = 1,
     opt_batch: Annotated[int, typer.Option(help="Batch TensorRT tunes kernels for.")] = 8,
     max_batch: Annotated[int, typer.Option(help="Largest batch the engine accepts.")] = 32,
@@ -40,6 +43,10 @@ def build_engine(
     plugin: Annotated[
         list[Path] | None, typer.Option(help="TensorRT plugin library to load and record (repeatable).")
     ] = None,
+    plugin_mode: Annotated[
+        str,
+        typer.Option(help="--gating plugin bundles without --plugin: aot (no Python at run time), jit, or auto."),
+    ] = "auto",
     weak_fp16: Annotated[
         bool,
         typer.Option("--weak-fp16", help="TensorRT 10.x only: fp16 engine from the fp32 ONNX (weakly typed)."),
@@ -52,17 +59,20 @@ def build_engine(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show TensorRT's verbose log.")] = False,
 ) -> None:
     """Build the TensorRT engine for this GPU from the bundle's ONNX and record it in the manifest."""
+    from facemoe.bundle import Bundle
     from facemoe.export.tensorrt import BuildOptions
     from facemoe.export.tensorrt import build_engine as build
+    from facemoe.runtime.backends.select import engine_precision
 
     options = BuildOptions(
-        precision=precision,
+        precision=precision or engine_precision(Bundle(bundle)),
         min_batch=min_batch,
         opt_batch=opt_batch,
         max_batch=max_batch,
         workspace_bytes=parse_size(workspace) if workspace else None,
         optimization_level=opt_level,
         plugin_libraries=tuple(plugin or ()),
+        plugin_mode=plugin_mode,
         weakly_typed_fp16=weak_fp16,
         timing_cache=not no_timing_cache,
         force=force,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import importlib.util
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -130,6 +131,9 @@ class CudaRuntime:
     def graph_launch(self, graph_exec: Any, stream: Any) -> None:
         self._check(self._rt.cudaGraphLaunch(graph_exec, stream), "cudaGraphLaunch")
 
+    def graph_destroy_graph(self, graph: Any) -> None:
+        self._check(self._rt.cudaGraphDestroy(graph), "cudaGraphDestroy")
+
     def graph_destroy(self, graph: Any, graph_exec: Any) -> None:
         self._check(self._rt.cudaGraphExecDestroy(graph_exec), "cudaGraphExecDestroy")
         self._check(self._rt.cudaGraphDestroy(graph), "cudaGraphDestroy")
@@ -144,7 +148,24 @@ def _pinned_array(ptr: int, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.
 def _require_tensorrt() -> None:
     if import_tensorrt() is None:
         raise BackendUnavailable(
-            "TensorRT is not installed (JetPack's python3-libnvinfer on Jetson, `pip install tensorrt` on x86)"
+            "TensorRT is not installed (JetPack's python3-libnvinfer on Jetson; on x86 `pip install tensorrt-cu12` "
+            "or `tensorrt-cu13`, matching the driver's CUDA major version)"
+        )
+
+
+def _register_jit_plugin(engine_path: Path) -> None:
+    """An engine built with the JIT facemoe::SparseMoE plugin calls back into Python: register it first."""
+    from facemoe.export import trt_plugin
+
+    missing = [name for name in ("torch", "triton") if importlib.util.find_spec(name) is None]
+    registered: frozenset[str] = frozenset()
+    if not missing:
+        registered = trt_plugin.register(aot=False)
+    if missing or "jit" not in registered:
+        need = " and ".join(missing) if missing else "TensorRT 10.6 or newer with its Python plugin API"
+        raise EngineUnavailable(
+            f"{engine_path}: the engine runs facemoe::SparseMoE through the JIT Python plugin, which needs {need} "
+            "here; rebuild it with --plugin-mode aot (no Python at run time) or re-export with --gating onnx"
         )
 
 
@@ -171,6 +192,7 @@ class TensorRTBackend(Backend):
         from facemoe.export.tensorrt import load_plugin_libraries
 
         self._closed = True
+        self.note = ""  # why this engine may not be the best one for this GPU (see select_engine)
         self.cuda = CudaRuntime.load()
         self.engine_path = Path(engine_path)
         self.identity = identity
@@ -181,11 +203,19 @@ class TensorRTBackend(Backend):
         if expected_sha256 is not None:
             verify_engine_file(self.engine_path, expected_sha256)
         load_plugin_libraries(list(plugin_libraries))
+        if identity is not None and identity.python_plugin == "jit":
+            _register_jit_plugin(self.engine_path)
         self.cuda.set_device(device_index)
         free_before, _ = self.cuda.mem_get_info()
 
         logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(logger)
+        try:
+            self._runtime = trt.Runtime(logger)
+        except TypeError as exc:  # pybind11: "factory function returned nullptr" when CUDA cannot start
+            raise BackendUnavailable(
+                f"TensorRT {trt.__version__} could not create its runtime: CUDA failed to initialise (no GPU "
+                "visible, or a driver older than this TensorRT's CUDA needs)"
+            ) from exc
         engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
         if engine is None:
             raise EngineMismatchError(
@@ -283,7 +313,7 @@ class TensorRTBackend(Backend):
             )
             built = build_engine(bundle, options, device=device, log=lambda msg: print(msg, file=sys.stderr))
             choice = EngineChoice(built.path, built.identity, built.sha256)
-        return cls(
+        backend = cls(
             choice.path,
             precision=precision,
             max_batch=max_batch,
@@ -292,6 +322,8 @@ class TensorRTBackend(Backend):
             device_index=device_index,
             plugin_libraries=libraries,
         )
+        backend.note = choice.note
+        return backend
 
     @classmethod
     def from_engine_file(cls, engine_path: str | Path, device_index: int = 0, **kwargs: Any) -> TensorRTBackend:
@@ -357,15 +389,22 @@ class TensorRTBackend(Backend):
         self._enqueue(context, n)
         self.cuda.stream_synchronize(self._stream)
         self.cuda.begin_capture(self._stream)
+        graph = None
         try:
             self._enqueue(context, n)
+            graph = self.cuda.end_capture(self._stream)
+            graph_exec = self.cuda.graph_instantiate(graph)
         except FaceMoEError as exc:
-            with contextlib.suppress(FaceMoEError):  # the failed capture may already be invalidated
-                self.cuda.end_capture(self._stream)
+            # The capture may have been invalidated (end_capture then fails too); either way the stream must
+            # leave capture mode before it is used again, and this batch runs eagerly from now on.
+            if graph is None:
+                with contextlib.suppress(FaceMoEError):
+                    self.cuda.end_capture(self._stream)
+            else:
+                with contextlib.suppress(FaceMoEError):
+                    self.cuda.graph_destroy_graph(graph)
             self.cuda_graphs, self.cuda_graph_error = False, f"capture failed, running without CUDA graphs: {exc}"
             return None
-        graph = self.cuda.end_capture(self._stream)
-        graph_exec = self.cuda.graph_instantiate(graph)
         self._graphs[n] = (graph, graph_exec, context)
         return graph_exec
 
