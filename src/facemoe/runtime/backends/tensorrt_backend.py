@@ -80,7 +80,15 @@ class CudaRuntime:
         return rest[0] if len(rest) == 1 else rest
 
     def set_device(self, index: int) -> None:
-        self._check(self._rt.cudaSetDevice(index), "cudaSetDevice")
+        """The first CUDA call of a backend: where a machine without a usable driver is found out."""
+        try:
+            result = self._rt.cudaSetDevice(index)
+        except RuntimeError as exc:  # cuda-python 12.6 raises "Failed to dlopen libcuda.so.1" itself
+            raise BackendUnavailable(f"CUDA could not start (no NVIDIA driver?): {exc}") from exc
+        try:
+            self._check(result, "cudaSetDevice")
+        except FaceMoEError as exc:
+            raise BackendUnavailable(str(exc)) from exc
 
     def mem_get_info(self) -> tuple[int, int]:
         free, total = self._check(self._rt.cudaMemGetInfo(), "cudaMemGetInfo")
