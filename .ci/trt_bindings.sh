@@ -14,8 +14,8 @@ PY="${PYTHON:-$(command -v python || command -v python3)}"
 # flavour:version:how the `tensorrt` package is made. It comes from NVIDIA's meta package, a plain sdist on
 # PyPI from 10.13 on ("sdist"); before that the sdist only redirects to NVIDIA's own index (slow, and not
 # the code under test), so the one-line alias package it would install is written instead ("alias").
-TRT_MATRIX="${TRT_MATRIX:-cu12:10.3.0:alias cu12:10.6.0:alias cu12:10.13.3.9:sdist cu12:11.4.0.106:sdist cu13:11.4.0.106:sdist}"
-CUDA_MATRIX="${CUDA_MATRIX:-12.6.2.post1 12.9.4 13.4.4}"
+TRT_MATRIX="${TRT_MATRIX-cu12:10.3.0:alias cu12:10.6.0:alias cu12:10.13.3.9:sdist cu12:11.4.0.106:sdist cu13:11.4.0.106:sdist}"
+CUDA_MATRIX="${CUDA_MATRIX-12.6.2.post1 12.9.4 13.4.4}"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/facemoe-trt-bindings.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 started=$SECONDS

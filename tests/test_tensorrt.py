@@ -267,7 +267,7 @@ def test_backend_refuses_or_rebuilds_a_mismatched_engine(fake_stack: Any) -> Non
 def test_backend_without_cuda_python(fake_stack: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from facemoe.runtime.backends.tensorrt_backend import TensorRTBackend
 
-    monkeypatch.setattr("facemoe.runtime.backends.tensorrt_backend.load_cudart", lambda: None)
+    monkeypatch.setattr("facemoe.runtime.backends.cuda_runtime.load_cudart", lambda: None)
     with pytest.raises(BackendUnavailable, match=r"cuda-python is not installed.*facemoe-edge\[trt\]"):
         TensorRTBackend.from_bundle(Bundle(fake_stack.root), "fp16")
 
@@ -322,7 +322,11 @@ def test_device_info_defaults() -> None:
 
 TYPED_MODULES = (
     "src/facemoe/export/tensorrt.py",
+    "src/facemoe/export/tensorrt_plugins.py",
+    "src/facemoe/export/trt_plugin.py",
+    "src/facemoe/runtime/backends/cuda_runtime.py",
     "src/facemoe/runtime/backends/tensorrt_backend.py",
+    "src/facemoe/runtime/backends/select.py",
     "src/facemoe/runtime/engine_identity.py",
 )
 

@@ -539,7 +539,7 @@ def install(monkeypatch: Any, tmp_path: Any, root: Any, version: str) -> types.S
     monkeypatch.setitem(sys.modules, "tensorrt.plugin", trt.plugin)
     monkeypatch.setattr(trt_plugin, "_registered", set())
     monkeypatch.setattr(ei, "load_cudart", lambda: cuda)
-    monkeypatch.setattr("facemoe.runtime.backends.tensorrt_backend.load_cudart", lambda: cuda)
+    monkeypatch.setattr("facemoe.runtime.backends.cuda_runtime.load_cudart", lambda: cuda)
     monkeypatch.setattr(ei, "_run_nvidia_smi", lambda args: None)
     monkeypatch.setattr(ei, "TEGRA_RELEASE", tmp_path / "no-tegra")
     return types.SimpleNamespace(trt=trt, cuda=cuda, root=root, version=version)

@@ -86,7 +86,7 @@ def export(
     ] = False,
     engine: Annotated[
         bool,
-        typer.Option("--engine", help="Also build a TensorRT engine on this GPU (fp16, else int8, else fp32)."),
+        typer.Option("--engine", help="Also build a TensorRT engine here (the fastest precision that passed parity)."),
     ] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,

@@ -15,9 +15,7 @@ without TensorRT.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
-import importlib.util
 import json
 import sys
 import time
@@ -29,6 +27,12 @@ from typing import TYPE_CHECKING
 
 from facemoe.bundle import MANIFEST_NAME, Bundle
 from facemoe.errors import BundleError, FaceMoEError
+from facemoe.export.tensorrt_plugins import (
+    bundle_plugin_libraries,
+    load_plugin_libraries,
+    needs_plugins,
+    python_plugin_mode,
+)
 from facemoe.fileio import atomic_path, sha256_file, write_json_atomic
 from facemoe.runtime.engine_identity import (
     ENGINES_DIR,
@@ -39,7 +43,6 @@ from facemoe.runtime.engine_identity import (
     is_jetson,
     load_cudart,
     manifest_entry,
-    plugin_hashes,
     read_sidecar,
     write_sidecar,
 )
@@ -54,7 +57,6 @@ DEFAULT_PROFILE = (1, 8, 32)
 # Jetson shares one DRAM between CPU and GPU; TensorRT's default workspace (all device memory) makes the
 # builder's tactic search compete with the weights for the same memory and end in out-of-memory.
 JETSON_WORKSPACE_BYTES = 1 << 30
-CUSTOM_OP_DOMAIN = "facemoe"
 
 _OOM_MARKERS = (
     "out of memory",
@@ -66,8 +68,6 @@ _OOM_MARKERS = (
     "bad_alloc",
     "allocation failed",
 )
-# Plugin libraries already registered in this process (registering one twice duplicates its creators).
-_LOADED_PLUGINS: dict[str, str] = {}
 
 
 def require_tensorrt() -> ModuleType:
@@ -172,77 +172,6 @@ class BuiltEngine:
     sha256: str
     reused: bool = False
     notes: list[str] = field(default_factory=list)
-
-
-# ------------------------------------------------------------------------------------------- plugins
-
-
-def load_plugin_libraries(paths: Sequence[str | Path]) -> dict[str, str]:
-    """Register plugin libraries with TensorRT's global registry; returns name -> sha256 of each."""
-    if not paths:
-        return {}
-    require_tensorrt()
-    import tensorrt as trt
-
-    hashes = plugin_hashes([Path(p) for p in paths])
-    registry = trt.get_plugin_registry()
-    for path in paths:
-        resolved = str(Path(path).resolve())
-        if resolved in _LOADED_PLUGINS:
-            continue
-        try:
-            if hasattr(registry, "load_library"):
-                handle = registry.load_library(resolved)
-                if handle is None:
-                    raise OSError("TensorRT's plugin registry refused it (see the TensorRT log above)")
-            else:  # TensorRT before 10 registers creators from the library's static initialisers
-                ctypes.CDLL(resolved, mode=ctypes.RTLD_GLOBAL)
-        except OSError as exc:
-            raise FaceMoEError(f"{path}: cannot load TensorRT plugin library: {exc}") from exc
-        _LOADED_PLUGINS[resolved] = hashes[Path(path).name]
-    return hashes
-
-
-def bundle_plugin_libraries(bundle: Bundle) -> list[Path]:
-    """Plugin libraries shipped inside the bundle (``plugins/*.so``), used when none are given."""
-    folder = bundle.root / "plugins"
-    return sorted(folder.glob("*.so")) if folder.is_dir() else []
-
-
-def needs_plugins(bundle: Bundle, precision: str) -> bool:
-    """Whether the artifact holds custom gating nodes (domain ``facemoe``) that only a plugin implements."""
-    art = bundle.manifest.artifacts.get(precision)
-    gating = (art.gating if art else "onnx") or "onnx"
-    return gating != "onnx" or bundle.manifest.routing.get("gating", "onnx") not in ("onnx", None)
-
-
-def python_plugin_mode(onnx_path: Path, requested: str, caps: TensorRTCapabilities) -> str:
-    """Register facemoe::SparseMoE through TensorRT's Python plugin API; returns "aot" or "jit".
-
-    Used for graphs with custom gating nodes when no compiled plugin library is given. The engine built
-    with the AOT implementation embeds its kernel and runs without Python; the JIT one calls back into
-    torch and triton at run time (docs/TENSORRT.md, "Python plugin").
-    """
-    from facemoe.export import trt_plugin
-
-    mode = trt_plugin.default_mode() if requested == "auto" else requested
-    if mode is None or not trt_plugin.available(aot=mode == "aot"):
-        need = "10.9 for the AOT implementation" if mode == "aot" else "10.6"
-        raise FaceMoEError(
-            f"{onnx_path}: the graph has custom gating nodes (domain {CUSTOM_OP_DOMAIN!r}); TensorRT {caps.version} "
-            f"cannot host their Python plugin (it needs TensorRT {need}). Pass --plugin path/to/library.so, or "
-            "re-export with --gating onnx"
-        )
-    missing = [name for name in ("torch", "triton") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise FaceMoEError(
-            f"{onnx_path}: building the {mode.upper()} facemoe::SparseMoE plugin needs {' and '.join(missing)} "
-            "(pip install 'facemoe-edge[export]'), or re-export with --gating onnx"
-        )
-    registered = trt_plugin.register(aot=mode == "aot")
-    if mode not in registered:
-        raise FaceMoEError(f"the {mode.upper()} implementation of {trt_plugin.PLUGIN_ID} could not be registered")
-    return mode
 
 
 # --------------------------------------------------------------------------------------------- build
@@ -454,7 +383,7 @@ def build_engine(
     libraries = [Path(p) for p in options.plugin_libraries] or bundle_plugin_libraries(bundle)
     plugin_mode: str | None = None
     if needs_plugins(bundle, source_precision) and not libraries:
-        plugin_mode = python_plugin_mode(onnx_path, options.plugin_mode, caps)
+        plugin_mode = python_plugin_mode(onnx_path, options.plugin_mode, caps.version)
     plugins = load_plugin_libraries(libraries)
 
     jetson = device.is_jetson or is_jetson()

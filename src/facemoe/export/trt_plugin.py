@@ -35,7 +35,7 @@ import importlib.util
 import re
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, no_type_check
 
 import numpy as np
 import numpy.typing as npt
@@ -171,6 +171,7 @@ def _define_plugin(trtp: ModuleType) -> None:
     """Register the plugin's description, format combinations and JIT implementation."""
 
     @trtp.register(PLUGIN_ID)
+    @no_type_check  # the annotations are runtime objects of tensorrt.plugin, which mypy cannot resolve here
     def _describe(
         x: trtp.TensorDesc,
         router: trtp.TensorDesc,
@@ -205,7 +206,8 @@ def _define_aot(trtp: ModuleType, trt: ModuleType) -> None:
     dtype_names = {trt.float16: "fp16", trt.float32: "fp32"}
 
     @trtp.aot_impl(PLUGIN_ID)
-    def _compile(  # type: ignore[no-untyped-def]
+    @no_type_check
+    def _compile(
         x, router, w1, b1, w2, b2, k, num_experts, outputs, tactic
     ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
         dims = [w1.shape_expr[i] for i in (0, 1, 2)]

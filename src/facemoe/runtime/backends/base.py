@@ -24,6 +24,8 @@ class Backend(abc.ABC):
     precision: str = "fp32"
     max_batch: int = 32
     device: str = "cpu"
+    # One line on why this backend and precision were chosen (set by runtime.backends.select.open_backend).
+    selection: str = ""
 
     @abc.abstractmethod
     def _embed_batch(self, batch: np.ndarray) -> np.ndarray:

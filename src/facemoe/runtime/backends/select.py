@@ -7,8 +7,9 @@ gate at export. ``auto``:
 2. on a GPU box without a usable engine: ONNX Runtime when it has a CUDA provider, else PyTorch on the GPU;
 3. else ONNX Runtime (fp32: its CPU fp16 kernels are slow), then PyTorch on the CPU.
 
-Whatever it picks, it says so on one line, with the reason each better option was skipped (engine missing,
-built elsewhere, TensorRT absent, ...): a GPU box never falls to ONNX Runtime fp32 without a word. An
+Whatever it picks, it says so on one line (``Backend.selection``, which ``facemoe-run`` prints, or the
+``report`` callback), with the reason each better option was skipped (engine missing, built elsewhere,
+TensorRT absent, ...): a GPU box never falls to ONNX Runtime fp32 without a word. An
 explicit ``--backend`` runs that back end or fails with its reason; ``torch`` runs on the CPU when there
 is no CUDA GPU (fp32).
 """
@@ -16,7 +17,6 @@ is no CUDA GPU (fp32).
 from __future__ import annotations
 
 import importlib.util
-import sys
 from collections.abc import Callable
 
 from facemoe.bundle import Bundle
@@ -27,11 +27,6 @@ BACKEND_NAMES = ("auto", "tensorrt", "onnxruntime", "torch")
 PRECISION_ORDER = ("int8", "fp16", "fp32")  # fastest first
 
 Report = Callable[[str], None]
-
-
-def _to_stderr(line: str) -> None:
-    # stderr: stdout may carry a command's results (JSON Lines events with --out -).
-    print(line, file=sys.stderr, flush=True)
 
 
 def available_backends() -> list[str]:
@@ -154,12 +149,16 @@ def _auto_order(gpu: bool) -> list[tuple[str, str | None]]:
     return [("tensorrt", None), ("torch", "cuda"), ("onnxruntime", None), ("torch", "cpu")]
 
 
-def _line(backend: Backend, skipped: list[str]) -> str:
+def _chosen(backend: Backend, skipped: list[str], report: Report | None) -> Backend:
+    """Record (and report) the one-line account of the choice on the backend."""
     text = f"backend: {backend.describe()}"
     engine = getattr(backend, "engine_path", None)
     if engine is not None:
         text += f" engine {engine.name}"
-    return text + (f"; skipped {' | '.join(skipped)}" if skipped else "")
+    backend.selection = text + (f"; skipped {' | '.join(skipped)}" if skipped else "")
+    if report is not None:
+        report(backend.selection)
+    return backend
 
 
 def open_backend(
@@ -168,7 +167,7 @@ def open_backend(
     precision: str | None = None,
     max_batch: int = 32,
     threads: int | None = None,
-    report: Report | None = _to_stderr,
+    report: Report | None = None,
 ) -> Backend:
     """Open ``backend`` for ``bundle`` by the policy above; ``report`` gets the one-line choice and reasons."""
     if not isinstance(bundle, Bundle):
@@ -179,10 +178,7 @@ def open_backend(
         raise FaceMoEError(f"unknown precision {precision!r}; choose {', '.join(PRECISION_ORDER)}")
     skipped: list[str] = []
     if backend != "auto":
-        opened = _open_one(backend, bundle, precision, max_batch, threads, skipped)
-        if report is not None:
-            report(_line(opened, skipped))
-        return opened
+        return _chosen(_open_one(backend, bundle, precision, max_batch, threads, skipped), skipped, report)
     names = available_backends()
     gpu = _has_gpu()
     for name, device in _auto_order(gpu):
@@ -198,9 +194,7 @@ def open_backend(
                 str(exc) if str(exc).startswith("tensorrt ") else f"{name}{f' ({device})' if device else ''}: {exc}"
             )
             continue
-        if report is not None:
-            report(_line(opened, skipped))
-        return opened
+        return _chosen(opened, skipped, report)
     raise BackendUnavailable("no backend can run this bundle here (" + " | ".join(skipped) + ")")
 
 
