@@ -123,3 +123,12 @@ def test_explicit_torch_runs_on_the_cpu(stack: Any) -> None:
     reference, _ = _open(stack.root, "onnxruntime")
     batch = np.random.default_rng(1).uniform(-1, 1, (2, 3, 120, 120)).astype(np.float32)
     np.testing.assert_allclose(backend.embed(batch), reference.embed(batch), atol=1e-3)
+
+
+def test_auto_skips_a_modified_engine(stack: Any) -> None:
+    fp16 = trt_build.build_engine(stack.root, options("fp16"))
+    trt_build.build_engine(stack.root, options("fp32"))
+    fp16.path.write_bytes(fp16.path.read_bytes() + b" ")
+    backend, line = _open(stack.root, max_batch=8)
+    assert backend.precision == "fp32" and "tensorrt fp16: " in line and "does not match its sidecar" in line
+    backend.close()

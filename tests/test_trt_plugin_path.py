@@ -241,3 +241,17 @@ def fake_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_bundle: Path
     root = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, root)
     return trt_stack.install(monkeypatch, tmp_path, root, "10.13.3.9")
+
+
+def test_build_engine_command_defaults_and_plugin_mode(stack: Any) -> None:
+    from typer.testing import CliRunner
+
+    from facemoe.cli.engine_cmd import app
+
+    # No --precision: the fastest precision that passed parity (this bundle has only its fp32 plugin graph).
+    result = CliRunner().invoke(app, [str(stack.root), "--max-batch", "4", "--opt-batch", "4", "--plugin-mode", "jit"])
+    assert result.exit_code == 0, result.output
+    (entry,) = Bundle(stack.root).manifest.engines
+    assert (entry["precision"], entry["python_plugin"]) == ("fp32", "jit")
+    result = CliRunner().invoke(app, [str(stack.root), "--plugin-mode", "sideways"])
+    assert result.exit_code == 2 and "unknown plugin mode 'sideways'" in result.output

@@ -88,13 +88,14 @@ def _torch_cuda() -> bool:
 def _open_tensorrt(bundle: Bundle, precision: str | None, max_batch: int, skipped: list[str]) -> Backend:
     """TensorRT at ``precision``, or at the fastest trusted precision with a usable engine.
 
-    Engine problems (missing, built elsewhere, stale) move on to the next precision and end in one
+    Engine problems (missing, built elsewhere, stale, modified) move on to the next precision and end in one
     ``EngineUnavailable`` listing them all; a missing library or GPU ends the attempt at once.
     """
     try:
         from facemoe.runtime.backends.tensorrt_backend import TensorRTBackend
     except ImportError as exc:
         raise BackendUnavailable(f"TensorRT backend unavailable: {exc}") from exc
+    from facemoe.errors import EngineMismatchError
     from facemoe.runtime.engine_identity import EngineUnavailable
 
     candidates = [precision] if precision else trusted_precisions(bundle)
@@ -102,7 +103,7 @@ def _open_tensorrt(bundle: Bundle, precision: str | None, max_batch: int, skippe
     for candidate in candidates:
         try:
             backend = TensorRTBackend.from_bundle(bundle, candidate, max_batch)
-        except EngineUnavailable as exc:
+        except EngineMismatchError as exc:  # also a modified engine file, or one TensorRT would not load
             reasons.append(f"tensorrt {candidate}: {exc}")
             continue
         skipped.extend(reasons)
