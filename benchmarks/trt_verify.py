@@ -1,6 +1,7 @@
 """Verification of the TensorRT path on a machine with an NVIDIA GPU and TensorRT (docs/TENSORRT.md).
 
     PYTHONPATH=src python benchmarks/trt_verify.py --out DIR [--preset tiny|small|full] [--max-batch 32]
+                                                  [--skip export]  (reuse the bundles of an earlier run)
 
 Needs TensorRT (10.x or 11.x; the plugin steps 10.6+, AOT 10.9+), cuda-python, onnxruntime, and for the
 export and plugin steps torch, triton and onnxruntime-extensions. Random weights; nothing is downloaded.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -37,7 +39,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_VIDEO = ROOT / "src" / "facemoe" / "data" / "carphone_pristine.mp4"
-COSINE_MIN = {"fp32": 0.9999, "fp16": 0.99, "int8": 0.95}
+# The engine against ONNX Runtime running the same ONNX: what TensorRT itself changes (kernels, fusions).
+COSINE_MIN = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.98}
 
 
 class Results:
@@ -93,7 +96,10 @@ def export(work: Path, preset: str, max_batch: int) -> dict[str, Any]:
     record: dict[str, Any] = {"ok": True}
     for name, args in runs.items():
         cmd = [sys.executable, "-m", "facemoe.cli.export_cmd", *args, "--out", str(work / name)]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        env = dict(
+            os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
+        )
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         record[name] = "exported" if done.returncode == 0 else f"failed: {done.stderr[-1500:]}"
         record["ok"] &= done.returncode == 0
     return record
@@ -104,16 +110,24 @@ def _compare(got: np.ndarray, want: np.ndarray) -> dict[str, float]:
     return {"cos_min": float(cos.min()), "cos_mean": float(cos.mean()), "max_abs": float(np.abs(got - want).max())}
 
 
-def run_engine(bundle_dir: Path, precision: str, max_batch: int, reference_precision: str = "fp32") -> dict[str, Any]:
-    """Each batch size with and without CUDA graphs against ONNX Runtime fp32 on the CPU."""
+def run_engine(bundle_dir: Path, precision: str, max_batch: int) -> dict[str, Any]:
+    """Each batch size with and without CUDA graphs against ONNX Runtime on the CPU.
+
+    Pass / fail compares with ONNX Runtime running the same precision's ONNX (``vs_onnx``); the comparison
+    with ONNX Runtime fp32 (``vs_fp32``) is reported with whether it stays within the export's parity gate
+    for that precision (random inputs are harsher than the export's parity faces, so that one is advisory).
+    """
     from facemoe.bundle import Bundle
     from facemoe.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
     from facemoe.runtime.backends.tensorrt_backend import TensorRTBackend
 
     bundle = Bundle(bundle_dir)
     rng = np.random.default_rng(0)
-    reference = OnnxRuntimeBackend.from_bundle(bundle, reference_precision, providers=["CPUExecutionProvider"])
-    record: dict[str, Any] = {"ok": True}
+    cpu = ["CPUExecutionProvider"]
+    fp32 = OnnxRuntimeBackend.from_bundle(bundle, "fp32", providers=cpu)
+    same = OnnxRuntimeBackend.from_bundle(bundle, precision, providers=cpu)
+    gate = float(bundle.artifact(precision).parity.get("gates", {}).get("cosine_min", 0.0))
+    record: dict[str, Any] = {"ok": True, "export_gate_cosine_min": gate}
     for graphs in (False, True):
         backend = TensorRTBackend.from_bundle(bundle, precision, max_batch, cuda_graphs=graphs)
         for batch in sorted({1, min(8, max_batch), max_batch}):
@@ -122,8 +136,10 @@ def run_engine(bundle_dir: Path, precision: str, max_batch: int, reference_preci
             start = time.perf_counter()
             got = backend.embed(faces)
             ms = (time.perf_counter() - start) * 1e3
-            row = _compare(got, reference.embed(faces)) | {"ms": round(ms, 2)}
-            row["ok"] = row["cos_min"] >= COSINE_MIN[precision]
+            vs_onnx, vs_fp32 = _compare(got, same.embed(faces)), _compare(got, fp32.embed(faces))
+            row: dict[str, Any] = {"ms": round(ms, 2), "vs_onnx": vs_onnx, "vs_fp32": vs_fp32}
+            row["vs_fp32_within_gate"] = vs_fp32["cos_min"] >= gate
+            row["ok"] = vs_onnx["cos_min"] >= COSINE_MIN[precision]
             record[f"batch{batch}{'_graphs' if graphs else ''}"] = row
             record["ok"] &= row["ok"]
         if graphs:
@@ -184,8 +200,11 @@ def plugin_engines(work: Path, max_batch: int) -> dict[str, Any]:
         record["ok"] &= bool(record[mode].get("ok"))
     if "aot" in modes and record["aot"].get("ok"):
         engine = work / "plugin" / "engines" / record["aot"]["engine"]
+        env = dict(
+            os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
+        )
         child = subprocess.run(
-            [sys.executable, "-c", AOT_CHILD, str(engine)], capture_output=True, text=True, check=False
+            [sys.executable, "-c", AOT_CHILD, str(engine)], capture_output=True, text=True, check=False, env=env
         )
         record["aot_without_torch"] = child.stdout.strip() or child.stderr[-1500:]
         record["ok"] &= "AOT-OK" in child.stdout and child.stdout.strip().endswith("False")
@@ -215,7 +234,7 @@ def timing_cache(work: Path, max_batch: int) -> dict[str, Any]:
     return record
 
 
-def refusals(work: Path) -> dict[str, Any]:
+def refusals(work: Path, max_batch: int) -> dict[str, Any]:
     from facemoe.bundle import Bundle
     from facemoe.errors import EngineMismatchError
     from facemoe.runtime.backends.select import open_backend
@@ -227,8 +246,9 @@ def refusals(work: Path) -> dict[str, Any]:
     shutil.copytree(work / "standard", root)
     record: dict[str, Any] = {"ok": True}
     lines: list[str] = []
-    backend = open_backend(root, "auto", report=lines.append)
+    backend = open_backend(root, "auto", max_batch=max_batch, report=lines.append)
     record["auto"] = lines
+    record["ok"] &= backend.name == "tensorrt"
     backend.close()
     engine = Bundle(root).manifest.engines[0]
     sidecar = sidecar_path(root / engine["file"])
@@ -260,17 +280,25 @@ def main() -> int:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--work", type=Path, help="where bundles go (default: OUT/work)")
+    parser.add_argument(
+        "--skip", action="append", default=[], help="skip a step (repeatable), e.g. --skip export to reuse bundles"
+    )
     args = parser.parse_args()
     work = args.work or args.out / "work"
     results = Results(args.out)
     results.data["environment"] = environment()
     results.data["arguments"] = {"preset": args.preset, "max_batch": args.max_batch}
     results.save()
-    results.step("export", lambda: export(work, args.preset, args.max_batch))
-    results.step("engines", lambda: engines(work, args.max_batch))
-    results.step("plugin engines", lambda: plugin_engines(work, args.max_batch))
-    results.step("timing cache", lambda: timing_cache(work, args.max_batch))
-    results.step("refusals", lambda: refusals(work))
+    steps: dict[str, Callable[[], dict[str, Any]]] = {
+        "export": lambda: export(work, args.preset, args.max_batch),
+        "engines": lambda: engines(work, args.max_batch),
+        "plugin engines": lambda: plugin_engines(work, args.max_batch),
+        "timing cache": lambda: timing_cache(work, args.max_batch),
+        "refusals": lambda: refusals(work, args.max_batch),
+    }
+    for name, step in steps.items():
+        if name not in args.skip:
+            results.step(name, step)
     print(f"results in {args.out}/trt_verify.md; {'FAILED' if results.failed else 'all checks passed'}")
     return 1 if results.failed else 0
 

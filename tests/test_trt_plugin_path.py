@@ -255,3 +255,18 @@ def test_build_engine_command_defaults_and_plugin_mode(stack: Any) -> None:
     assert (entry["precision"], entry["python_plugin"]) == ("fp32", "jit")
     result = CliRunner().invoke(app, [str(stack.root), "--plugin-mode", "sideways"])
     assert result.exit_code == 2 and "unknown plugin mode 'sideways'" in result.output
+
+
+def test_plugin_availability_with_stubs_or_a_broken_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tensorrt-stubs installs an importable, empty ``tensorrt``; a broken install raises from its import."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))  # no __version__, no Builder
+    assert trt_plugin.trt_version() is None and not trt_plugin.available() and trt_plugin.register() == frozenset()
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import raises ImportError
+    assert trt_plugin.trt_version() is None and trt_plugin.plugin_module() is None
+    broken = types.ModuleType("tensorrt")
+    broken.Builder, broken.Runtime, broken.__version__ = object, object, "10.x-custom"  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tensorrt", broken)
+    assert trt_plugin.trt_version() is None and trt_plugin.default_mode() is None
