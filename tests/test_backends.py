@@ -108,8 +108,9 @@ def test_explicit_tensorrt_is_unavailable_with_a_reason(tiny_bundle: Path) -> No
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
 def test_explicit_torch_backend_needs_cuda_for_fp16(tiny_bundle: Path) -> None:
-    with pytest.raises(BackendUnavailable, match="PyTorch sees no CUDA GPU"):
-        open_backend(tiny_bundle, "torch")
+    # Without a CUDA GPU, --backend torch runs fp32 on the CPU (tests/test_backend_policy.py); fp16 is refused.
+    with pytest.raises(BackendUnavailable, match="fp16 needs a CUDA GPU"):
+        open_backend(tiny_bundle, "torch", precision="fp16")
 
 
 def test_torch_cpu_backend_matches_onnxruntime(tiny_bundle: Path) -> None:

@@ -50,14 +50,19 @@ def test_cache_key_is_deterministic_and_covers_compatibility_fields() -> None:
         {"opt_batch": 4},
         {"onnx_sha256": "b" * 64},
         {"plugin_hashes": {"libfacemoe_plugins.so": "c" * 64}},
-    ):
-        assert identity(**change).cache_key != ref.cache_key, change
-    # ... what merely describes the build does not.
-    for change in (
-        {"build_time": "2027-01-01"},
+        # TensorRT tunes a plan for the GPU model, not only its architecture, and for the build settings.
         {"gpu_name": "Jetson Orin NX"},
         {"builder_optimization_level": 5},
+        {"workspace_bytes": 1 << 30},
+        {"strongly_typed": False},
+        {"python_plugin": "aot"},
+    ):
+        assert identity(**change).cache_key != ref.cache_key, change
+    # ... what merely describes the build does not, nor how a source spells the GPU's name.
+    for change in (
+        {"build_time": "2027-01-01"},
         {"build_seconds": 12.0},
+        {"gpu_name": "NVIDIA  jetson agx orin"},
     ):
         assert identity(**change).cache_key == ref.cache_key, change
     # Plugin order does not matter.
@@ -193,6 +198,18 @@ def test_select_engine(tmp_path: Path) -> None:
     large.write_bytes(b"LARGE")  # same size class, different bytes
     with pytest.raises(EngineMismatchError, match="does not match its sidecar"):
         ei.select_engine(bundle, "fp16", 32, ORIN)
+
+
+def test_select_engine_prefers_this_gpu_model(tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path / "b")
+    onnx_sha = bundle.artifact("fp16").sha256
+    nx = add_engine(bundle, identity(onnx_sha256=onnx_sha, gpu_name="Jetson Orin NX", max_batch=16), b"nx")
+    choice = ei.select_engine(Bundle(bundle.root), "fp16", 8, ORIN)
+    # Same architecture, another model: TensorRT runs it (with a warning), so it is used, and said so.
+    assert choice.path == nx and "built on Jetson Orin NX, this is Jetson AGX Orin (same sm_87)" in choice.note
+    agx = add_engine(bundle, identity(onnx_sha256=onnx_sha, gpu_name="NVIDIA Jetson AGX Orin", max_batch=64), b"a")
+    choice = ei.select_engine(Bundle(bundle.root), "fp16", 8, ORIN)
+    assert choice.path == agx and choice.note == ""  # tuned on this model beats a smaller max batch
 
 
 def test_select_engine_refuses_engine_of_an_older_export(tmp_path: Path) -> None:

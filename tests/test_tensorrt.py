@@ -1,28 +1,26 @@
-# ruff: noqa: N801, N802, N815  (the stand-ins mirror the camelCase names of the CUDA bindings)
 """TensorRT builder and backend.
 
 Without TensorRT (CI, this machine) the module must import and every entry point must say what is missing.
 The build -> sidecar -> manifest -> select -> deserialise -> execute path is then exercised end to end
 against an in-process stand-in for the ``tensorrt`` module and cuda-python that keeps to the documented API
 (strongly typed flag, optimisation profile, timing cache, IO tensors, ``execute_async_v3``, stream capture)
-and "executes" the engine with ONNX Runtime on host memory behind fake device pointers. Tests marked
+and "executes" the engine with ONNX Runtime on host memory behind fake device pointers (tests/fakes/, which
+also refuses what TensorRT refuses). Tests marked
 ``tensorrt`` run the real thing and skip cleanly without TensorRT and a GPU.
 """
 
 from __future__ import annotations
 
-import ctypes
-import enum
-import importlib.machinery
+import dataclasses
 import json
 import shutil
 import sys
-import types
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from fakes import trt_stack
 
 from facemoe.bundle import MANIFEST_NAME, Bundle
 from facemoe.errors import EngineMismatchError, FaceMoEError
@@ -103,377 +101,12 @@ def test_record_engine_keeps_unknown_fields(tmp_path: Path, tiny_bundle: Path) -
 # --------------------------------------------------------------------------- stand-ins for TRT and CUDA
 
 
-class FakeCuda:
-    """cuda-python's runtime module: ``(err, value)`` tuples, host memory standing in for device memory."""
-
-    class cudaMemcpyKind(enum.IntEnum):
-        cudaMemcpyHostToDevice = 1
-        cudaMemcpyDeviceToHost = 2
-
-    class cudaStreamCaptureMode(enum.IntEnum):
-        cudaStreamCaptureModeThreadLocal = 1
-
-    cudaStreamNonBlocking = 1
-
-    class Stream:
-        def __init__(self, handle: int) -> None:
-            self.handle, self.capture = handle, None
-
-        def __int__(self) -> int:
-            return self.handle
-
-    def __init__(self, capability: tuple[int, int] = (8, 7), name: bytes = b"Orin (fake)") -> None:
-        self.capability, self.name = capability, name
-        self.buffers: dict[int, Any] = {}
-        self.streams: dict[int, FakeCuda.Stream] = {}
-        self.launches = 0
-
-    def cudaGetDeviceCount(self) -> tuple[int, int]:
-        return 0, 1
-
-    def cudaGetDeviceProperties(self, index: int) -> tuple[int, Any]:
-        major, minor = self.capability
-        return 0, types.SimpleNamespace(name=self.name, major=major, minor=minor, totalGlobalMem=8 << 30)
-
-    def cudaSetDevice(self, index: int) -> tuple[int]:
-        return (0,)
-
-    def cudaMemGetInfo(self) -> tuple[int, int, int]:
-        used = sum(ctypes.sizeof(b) for b in self.buffers.values())
-        return 0, (8 << 30) - used, 8 << 30
-
-    def _alloc(self, size: int) -> tuple[int, int]:
-        buf = ctypes.create_string_buffer(size)
-        self.buffers[ctypes.addressof(buf)] = buf
-        return 0, ctypes.addressof(buf)
-
-    cudaMalloc = _alloc
-    cudaMallocHost = _alloc
-
-    def _free(self, ptr: int) -> tuple[int]:
-        del self.buffers[ptr]
-        return (0,)
-
-    cudaFree = _free
-    cudaFreeHost = _free
-
-    def cudaStreamCreateWithFlags(self, flags: int) -> tuple[int, Any]:
-        stream = FakeCuda.Stream(1000 + len(self.streams))
-        self.streams[stream.handle] = stream
-        return 0, stream
-
-    def cudaStreamDestroy(self, stream: Any) -> tuple[int]:
-        del self.streams[int(stream)]
-        return (0,)
-
-    def cudaStreamSynchronize(self, stream: Any) -> tuple[int]:
-        return (0,)
-
-    def submit(self, handle: int, op: Any) -> None:
-        stream = self.streams[handle]
-        if stream.capture is not None:
-            stream.capture.append(op)
-        else:
-            op()
-
-    def cudaMemcpyAsync(self, dst: int, src: int, size: int, kind: Any, stream: Any) -> tuple[int]:
-        self.submit(int(stream), lambda: ctypes.memmove(dst, src, size))
-        return (0,)
-
-    def cudaStreamBeginCapture(self, stream: Any, mode: Any) -> tuple[int]:
-        stream.capture = []
-        return (0,)
-
-    def cudaStreamEndCapture(self, stream: Any) -> tuple[int, Any]:
-        graph, stream.capture = stream.capture, None
-        return 0, graph
-
-    def cudaGraphInstantiate(self, graph: Any, flags: int) -> tuple[int, Any]:
-        return 0, list(graph)
-
-    def cudaGraphLaunch(self, graph_exec: Any, stream: Any) -> tuple[int]:
-        self.launches += 1
-        for op in graph_exec:
-            op()
-        return (0,)
-
-    def cudaGraphExecDestroy(self, graph_exec: Any) -> tuple[int]:
-        return (0,)
-
-    def cudaGraphDestroy(self, graph: Any) -> tuple[int]:
-        return (0,)
-
-    def cudaGetErrorString(self, err: Any) -> tuple[int, bytes]:
-        return 0, b"fake error"
-
-
-def make_fake_tensorrt(version: str, cuda: FakeCuda) -> types.ModuleType:
-    """The parts of the ``tensorrt`` module FaceMoE uses, as documented for 10.x / 11.x."""
-    import onnx
-    import onnxruntime as ort
-
-    major = int(version.split(".")[0])
-    trt = types.ModuleType("tensorrt")
-    trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
-    trt.__version__ = version  # type: ignore[attr-defined]
-    trt.built = []  # type: ignore[attr-defined]
-
-    class _Severity(enum.IntEnum):
-        INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
-
-    class ILogger:
-        Severity = _Severity
-        WARNING = _Severity.WARNING
-
-        def __init__(self) -> None:
-            pass
-
-    class Logger(ILogger):
-        def __init__(self, min_severity: Any = _Severity.WARNING) -> None:
-            super().__init__()
-
-        def log(self, severity: Any, msg: str) -> None:
-            pass
-
-    # 10.x: EXPLICIT_BATCH (deprecated) = 0, STRONGLY_TYPED = 1; 11.x dropped EXPLICIT_BATCH.
-    flags = {"STRONGLY_TYPED": 1, "EXPLICIT_BATCH": 0} if major < 11 else {"STRONGLY_TYPED": 0}
-    trt.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", flags)  # type: ignore[attr-defined]
-    builder_flags = {"TF32": 7} if major >= 11 else {"FP16": 0, "INT8": 1, "TF32": 7}
-    trt.BuilderFlag = enum.IntEnum("BuilderFlag", builder_flags)  # type: ignore[attr-defined]
-    trt.MemoryPoolType = enum.IntEnum("MemoryPoolType", {"WORKSPACE": 0})  # type: ignore[attr-defined]
-    trt.TensorIOMode = enum.IntEnum("TensorIOMode", {"NONE": 0, "INPUT": 1, "OUTPUT": 2})  # type: ignore[attr-defined]
-    trt.DataType = enum.IntEnum("DataType", {"FLOAT": 0, "HALF": 1})  # type: ignore[attr-defined]
-    trt.nptype = lambda dt: {0: np.float32, 1: np.float16}[int(dt)]  # type: ignore[attr-defined]
-    trt.ILogger, trt.Logger = ILogger, Logger  # type: ignore[attr-defined]
-
-    class Dims(list):
-        pass
-
-    class IPluginRegistry:
-        def __init__(self) -> None:
-            self.loaded: list[str] = []
-
-        def load_library(self, path: str) -> object:
-            self.loaded.append(path)
-            return object()
-
-    registry = IPluginRegistry()
-    trt.Dims, trt.IPluginRegistry = Dims, IPluginRegistry  # type: ignore[attr-defined]
-    trt.get_plugin_registry = lambda: registry  # type: ignore[attr-defined]
-    trt.init_libnvinfer_plugins = lambda logger, namespace: True  # type: ignore[attr-defined]
-
-    class Tensor:
-        def __init__(self, name: str, shape: list[int]) -> None:
-            self.name, self.shape = name, Dims(shape)
-
-    class Network:
-        def __init__(self, flags: int) -> None:
-            self.flags, self.inputs, self.onnx = flags, [], None
-
-        @property
-        def num_inputs(self) -> int:
-            return len(self.inputs)
-
-        def get_input(self, index: int) -> Tensor:
-            return self.inputs[index]
-
-    class ParserError:
-        def desc(self) -> str:
-            return "not an ONNX file"
-
-    class OnnxParser:
-        def __init__(self, network: Network, logger: ILogger) -> None:
-            self.network, self.num_errors = network, 0
-
-        def parse_from_file(self, path: str) -> bool:
-            try:
-                model = onnx.load(path, load_external_data=False)
-            except Exception:
-                self.num_errors = 1
-                return False
-            value = model.graph.input[0]
-            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
-            self.network.inputs.append(Tensor(value.name, dims))
-            self.network.onnx = path
-            return True
-
-        def get_error(self, index: int) -> ParserError:
-            return ParserError()
-
-    class TimingCache:
-        def __init__(self, data: bytes) -> None:
-            self.data = data
-
-        def serialize(self) -> bytes:
-            return self.data + b"+"
-
-    class IBuilderConfig:
-        builder_optimization_level = 3
-
-        def __init__(self) -> None:
-            self.pools: dict[Any, int] = {}
-            self.flags: set[Any] = set()
-            self.profiles: list[Any] = []
-            self.cache: TimingCache | None = None
-
-        def set_memory_pool_limit(self, pool: Any, size: int) -> None:
-            self.pools[pool] = size
-
-        def set_flag(self, flag: Any) -> None:
-            self.flags.add(flag)
-
-        def add_optimization_profile(self, profile: Any) -> int:
-            self.profiles.append(profile)
-            return 0
-
-        def create_timing_cache(self, data: bytes) -> TimingCache:
-            return TimingCache(bytes(data))
-
-        def set_timing_cache(self, cache: TimingCache, ignore_mismatch: bool) -> bool:
-            if cache.data.startswith(b"other-device"):
-                return False
-            self.cache = cache
-            return True
-
-        def get_timing_cache(self) -> TimingCache | None:
-            return self.cache
-
-    class Profile:
-        def __init__(self) -> None:
-            self.shapes: dict[str, tuple] = {}
-
-        def set_shape(self, name: str, low: Dims, opt: Dims, high: Dims) -> None:
-            self.shapes[name] = (list(low), list(opt), list(high))
-
-    class Builder:
-        def __init__(self, logger: ILogger) -> None:
-            self.logger = logger
-
-        def create_network(self, flags: int = 0) -> Network:
-            return Network(flags)
-
-        def create_builder_config(self) -> IBuilderConfig:
-            return IBuilderConfig()
-
-        def create_optimization_profile(self) -> Profile:
-            return Profile()
-
-        def build_serialized_network(self, network: Network, config: IBuilderConfig) -> bytes:
-            (name, (low, opt, high)) = next(iter(config.profiles[0].shapes.items()))
-            plan = {
-                "version": version,
-                "capability": list(cuda.capability),
-                "onnx": network.onnx,
-                "input": name,
-                "profile": [low, opt, high],
-                "network_flags": network.flags,
-                "builder_flags": sorted(int(f) for f in config.flags),
-                "workspace": config.pools.get(trt.MemoryPoolType.WORKSPACE),
-                "opt_level": config.builder_optimization_level,
-                "timing_cache_in": config.cache.data.decode() if config.cache else None,
-            }
-            trt.built.append(plan)  # type: ignore[attr-defined]
-            return json.dumps(plan).encode()
-
-    trt.ExecutionContextAllocationStrategy = enum.IntEnum(  # type: ignore[attr-defined]
-        "ExecutionContextAllocationStrategy", {"STATIC": 0, "ON_PROFILE_CHANGE": 1, "USER_MANAGED": 2}
-    )
-
-    class IExecutionContext:
-        def set_device_memory(self, memory: int, size: int) -> None:
-            self.device_memory = (memory, size)
-
-    class Context(IExecutionContext):
-        def __init__(self, engine: Engine, user_managed: bool) -> None:
-            self.engine, self.addresses, self.batch = engine, {}, None
-            self.device_memory: tuple[int, int] | None = None
-            self.user_managed = user_managed
-            engine.contexts.append(self)
-
-        def set_tensor_address(self, name: str, ptr: int) -> bool:
-            self.addresses[name] = ptr
-            return True
-
-        def set_input_shape(self, name: str, shape: Any) -> bool:
-            low, high = self.engine.plan["profile"][0][0], self.engine.plan["profile"][2][0]
-            if not low <= shape[0] <= high:
-                return False
-            self.batch = shape[0]
-            return True
-
-        def execute_async_v3(self, stream_handle: int) -> bool:
-            if self.user_managed and self.device_memory is None:
-                return False  # TensorRT refuses to run a USER_MANAGED context without memory
-            n, item = self.batch, self.engine.item
-            src, dst = self.addresses[self.engine.input], self.addresses["embedding"]
-            session = self.engine.session
-
-            def run() -> None:
-                x = np.frombuffer(ctypes.string_at(src, n * int(np.prod(item)) * 4), np.float32).reshape(n, *item)
-                y = np.ascontiguousarray(session.run(None, {self.engine.input: x})[0], dtype=np.float32)
-                ctypes.memmove(dst, y.ctypes.data, y.nbytes)
-
-            cuda.submit(stream_handle, run)
-            return True
-
-    class Engine:
-        def __init__(self, plan: dict) -> None:
-            self.plan, self.input = plan, plan["input"]
-            self.session = ort.InferenceSession(plan["onnx"], providers=["CPUExecutionProvider"])
-            self.item = list(self.session.get_inputs()[0].shape[1:])
-            self.embedding = int(self.session.get_outputs()[0].shape[-1])
-            self.num_io_tensors = 2
-            self.device_memory_size_v2 = 12345
-            self.contexts: list[Context] = []
-
-        def get_tensor_name(self, index: int) -> str:
-            return [self.input, "embedding"][index]
-
-        def get_tensor_mode(self, name: str) -> Any:
-            return trt.TensorIOMode.INPUT if name == self.input else trt.TensorIOMode.OUTPUT  # type: ignore[attr-defined]
-
-        def get_tensor_shape(self, name: str) -> Dims:
-            return Dims([-1, *self.item] if name == self.input else [-1, self.embedding])
-
-        def get_tensor_profile_shape(self, name: str, index: int) -> list[Dims]:
-            return [Dims(s) for s in self.plan["profile"]]
-
-        def get_tensor_dtype(self, name: str) -> Any:
-            return trt.DataType.FLOAT  # type: ignore[attr-defined]
-
-        def create_execution_context(self, strategy: Any = None) -> Context:
-            return Context(self, user_managed=strategy == trt.ExecutionContextAllocationStrategy.USER_MANAGED)  # type: ignore[attr-defined]
-
-    class Runtime:
-        def __init__(self, logger: ILogger) -> None:
-            pass
-
-        def deserialize_cuda_engine(self, data: bytes) -> Engine | None:
-            plan = json.loads(bytes(data))
-            # TensorRT refuses plans from another version or GPU architecture.
-            if plan["version"] != trt.__version__ or plan["capability"] != list(cuda.capability):
-                return None
-            return Engine(plan)
-
-    trt.IExecutionContext = IExecutionContext  # type: ignore[attr-defined]
-    trt.OnnxParser, trt.IBuilderConfig, trt.Builder, trt.Runtime = OnnxParser, IBuilderConfig, Builder, Runtime  # type: ignore[attr-defined]
-    return trt
-
-
 @pytest.fixture
 def fake_stack(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_bundle: Path, request: Any) -> Any:
     """A private copy of the tiny bundle, a fake GPU (sm_87) and a fake TensorRT of the requested version."""
-    version = getattr(request, "param", "10.3.0.30")
-    cuda = FakeCuda()
-    trt = make_fake_tensorrt(version, cuda)
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    monkeypatch.setattr(ei, "load_cudart", lambda: cuda)
-    monkeypatch.setattr("facemoe.runtime.backends.tensorrt_backend.load_cudart", lambda: cuda)
-    monkeypatch.setattr(ei, "_run_nvidia_smi", lambda args: None)
-    monkeypatch.setattr(ei, "TEGRA_RELEASE", tmp_path / "no-tegra")
     root = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, root)
-    return types.SimpleNamespace(trt=trt, cuda=cuda, root=root, version=version)
+    return trt_stack.install(monkeypatch, tmp_path, root, getattr(request, "param", "10.3.0.30"))
 
 
 @pytest.mark.parametrize("fake_stack", ["10.3.0.30", "11.1.0.8"], indirect=True)
@@ -502,16 +135,21 @@ def test_build_engine_strongly_typed(fake_stack: Any) -> None:
     assert entry["compute_capability"] == "sm_87" and entry["max_batch"] == 16
     assert identity.onnx_sha256 == Bundle(root).artifact("fp16").sha256
 
-    # Same request again: the engine is reused, not rebuilt; --force rebuilds and reuses the timing cache.
+    # Same request again: the engine is reused, not rebuilt; --force rebuilds and reuses the timing cache,
+    # which is kept per GPU architecture and TensorRT version.
     again = trt_build.build_engine(root, options)
     assert again.reused and len(trt.built) == 1
-    timing = root / "engines" / "timing.cache"
-    assert timing.read_bytes() == b"+"
-    trt_build.build_engine(root, trt_build.BuildOptions(precision="fp16", max_batch=16, force=True))
-    assert trt.built[-1]["timing_cache_in"] == "+" and timing.read_bytes() == b"++"
-    timing.write_bytes(b"other-device cache")
-    rebuilt = trt_build.build_engine(root, trt_build.BuildOptions(precision="fp16", max_batch=16, force=True))
-    assert trt.built[-1]["timing_cache_in"] == "" and any("another GPU" in n for n in rebuilt.notes)
+    timing = root / "engines" / f"timing.sm_87.trt{fake_stack.version}.cache"
+    assert timing.read_bytes() == b"TC|sm_87|1"
+    rebuilt = trt_build.build_engine(root, dataclasses.replace(options, force=True))
+    assert trt.built[-1]["timing_cache_in"] == 1 and timing.read_bytes() == b"TC|sm_87|2"
+    assert any("reused timing cache" in n for n in rebuilt.notes)
+    # A cache TensorRT rejects (another GPU) or cannot parse (corrupt) is replaced, not fatal.
+    for blob in (b"TC|sm_90|7", b"\x00garbage"):
+        timing.write_bytes(blob)
+        rebuilt = trt_build.build_engine(root, dataclasses.replace(options, force=True))
+        assert trt.built[-1]["timing_cache_in"] == 0 and timing.read_bytes() == b"TC|sm_87|1"
+        assert any("corrupt or from another GPU" in n for n in rebuilt.notes)
     assert len(Bundle(root).manifest.engines) == 1  # same identity: one manifest entry
 
 
@@ -538,8 +176,14 @@ def test_build_refusals(fake_stack: Any, tmp_path: Path) -> None:
     (root / MANIFEST_NAME).write_text(json.dumps(data))
     with pytest.raises(FaceMoEError, match=r"custom gating nodes \(domain 'facemoe'\).*--plugin"):
         trt_build.build_engine(root)
+    # TensorRT cannot dlopen a file that is not a shared object: a one-line error naming it.
     plugin = tmp_path / "libfacemoe_plugins.so"
-    plugin.write_bytes(b"\x7fELF fake plugin")
+    plugin.write_bytes(b"\x7fELF truncated")
+    with pytest.raises(FaceMoEError, match=r"libfacemoe_plugins\.so: cannot load TensorRT plugin library"):
+        trt_build.build_engine(root, trt_build.BuildOptions(plugin_libraries=(plugin,)))
+    import _ctypes  # any loadable shared object stands in for a compiled plugin library
+
+    shutil.copyfile(_ctypes.__file__, plugin)
     built = trt_build.build_engine(root, trt_build.BuildOptions(plugin_libraries=(plugin,)))
     assert built.identity.plugin_hashes == {plugin.name: ei.sha256_file(plugin)}
     assert str(plugin.resolve()) in fake_stack.trt.get_plugin_registry().loaded
@@ -623,7 +267,7 @@ def test_backend_refuses_or_rebuilds_a_mismatched_engine(fake_stack: Any) -> Non
 def test_backend_without_cuda_python(fake_stack: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from facemoe.runtime.backends.tensorrt_backend import TensorRTBackend
 
-    monkeypatch.setattr("facemoe.runtime.backends.tensorrt_backend.load_cudart", lambda: None)
+    monkeypatch.setattr("facemoe.runtime.backends.cuda_runtime.load_cudart", lambda: None)
     with pytest.raises(BackendUnavailable, match=r"cuda-python is not installed.*facemoe-edge\[trt\]"):
         TensorRTBackend.from_bundle(Bundle(fake_stack.root), "fp16")
 
@@ -678,7 +322,11 @@ def test_device_info_defaults() -> None:
 
 TYPED_MODULES = (
     "src/facemoe/export/tensorrt.py",
+    "src/facemoe/export/tensorrt_plugins.py",
+    "src/facemoe/export/trt_plugin.py",
+    "src/facemoe/runtime/backends/cuda_runtime.py",
     "src/facemoe/runtime/backends/tensorrt_backend.py",
+    "src/facemoe/runtime/backends/select.py",
     "src/facemoe/runtime/engine_identity.py",
 )
 

@@ -42,7 +42,10 @@ def _check_engines_dir(engines: Path) -> None:
 @user_errors
 def build_engine(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory (the engine goes to <bundle>/engines/).")],
-    precision: Annotated[Precision, typer.Option(help="Which ONNX artifact to build.")] = Precision.fp16,
+    precision: Annotated[
+        Precision | None,
+        typer.Option(help="The ONNX to build (default: the fastest that passed parity)."),
+    ] = None,
     min_batch: Annotated[int, typer.Option(min=1, help="Smallest batch of the optimisation profile.")] = 1,
     opt_batch: Annotated[int, typer.Option(min=1, help="Batch TensorRT tunes kernels for.")] = 8,
     max_batch: Annotated[int, typer.Option(min=1, help="Largest batch the engine accepts.")] = 32,
@@ -55,6 +58,10 @@ def build_engine(
     plugin: Annotated[
         list[Path] | None, typer.Option(help="TensorRT plugin library to load and record (repeatable).")
     ] = None,
+    plugin_mode: Annotated[
+        str,
+        typer.Option(help="--gating plugin bundles without --plugin: aot (no Python at run time), jit, or auto."),
+    ] = "auto",
     weak_fp16: Annotated[
         bool,
         typer.Option("--weak-fp16", help="TensorRT 10.x only: fp16 engine from the fp32 ONNX (weakly typed)."),
@@ -78,17 +85,19 @@ def build_engine(
             f"batch profile must satisfy --min-batch <= --opt-batch <= --max-batch, got {min_batch}/{opt_batch}/"
             f"{max_batch}"
         )
-    if weak_fp16 and precision != Precision.fp16:
+    if weak_fp16 and precision not in (None, Precision.fp16):
         raise FaceMoEError(f"--weak-fp16 builds fp16 engines only, not {precision.value}")
     workspace_bytes = parse_size(workspace) if workspace else None
     for library in plugin or []:
         if not library.is_file():
             raise FaceMoEError(f"{library}: plugin library not found (--plugin)")
     loaded = Bundle(bundle)
-    if precision.value not in loaded.precisions and not weak_fp16:
+    from facemoe.runtime.backends.select import engine_precision
+
+    chosen = precision.value if precision is not None else ("fp16" if weak_fp16 else engine_precision(loaded))
+    if chosen not in loaded.precisions and not weak_fp16:
         raise FaceMoEError(
-            f"{bundle}: no {precision.value} ONNX to build from (it has: {', '.join(loaded.precisions)}); "
-            f"re-export with --{precision.value}"
+            f"{bundle}: no {chosen} ONNX to build from (it has: {', '.join(loaded.precisions)}); re-export with --{chosen}"
         )
     _check_engines_dir(loaded.root / ENGINES_DIR)
 
@@ -96,13 +105,14 @@ def build_engine(
     from facemoe.export.tensorrt import build_engine as build
 
     options = BuildOptions(
-        precision=precision.value,
+        precision=chosen,
         min_batch=min_batch,
         opt_batch=opt_batch,
         max_batch=max_batch,
         workspace_bytes=workspace_bytes,
         optimization_level=opt_level,
         plugin_libraries=tuple(plugin or ()),
+        plugin_mode=plugin_mode,
         weakly_typed_fp16=weak_fp16,
         timing_cache=not no_timing_cache,
         force=overwrite or force,

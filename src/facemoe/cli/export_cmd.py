@@ -158,7 +158,7 @@ def export(
     ] = False,
     engine: Annotated[
         bool,
-        typer.Option("--engine", help="Also build a TensorRT engine on this GPU (fp16, else int8, else fp32)."),
+        typer.Option("--engine", help="Also build a TensorRT engine here (the fastest precision that passed parity)."),
     ] = False,
     overwrite: bool = OverwriteOption,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
@@ -243,9 +243,11 @@ def export(
     )
     console.print(f"[green]bundle written:[/] {result.path} ({', '.join(precisions)})")
     if engine:
+        from facemoe.bundle import Bundle
         from facemoe.export.tensorrt import BuildOptions, build_engine
+        from facemoe.runtime.backends.select import engine_precision
 
-        target = "fp16" if fp16 else "int8" if int8 else "fp32"
+        target = engine_precision(Bundle(result.path))  # the precision `auto` tries first
         built = build_engine(
             result.path,
             BuildOptions(precision=target, opt_batch=min(8, max_batch), max_batch=max_batch),

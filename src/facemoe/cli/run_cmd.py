@@ -260,8 +260,9 @@ def run(
         if loaded.manifest.model.get("random_weights") or demo:
             console.print(DEMO_WARNING, highlight=False)
         console.print(f"source: {escape(source.describe())}", highlight=False)
+        console.print(escape(engine.selection or f"backend: {backend_text}"), highlight=False)  # choice and why
         console.print(
-            escape(f"bundle: {bundle_dir}  backend: {backend_text}  detector: {face_detector.name}")
+            escape(f"bundle: {bundle_dir}  detector: {face_detector.name}")
             + (f"  gallery: {len(known)} identities" if known is not None else "  gallery: none"),
             highlight=False,
         )

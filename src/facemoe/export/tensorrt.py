@@ -15,9 +15,9 @@ without TensorRT.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import json
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +27,12 @@ from typing import TYPE_CHECKING
 
 from facemoe.bundle import MANIFEST_NAME, Bundle
 from facemoe.errors import BundleError, FaceMoEError
+from facemoe.export.tensorrt_plugins import (
+    bundle_plugin_libraries,
+    load_plugin_libraries,
+    needs_plugins,
+    python_plugin_mode,
+)
 from facemoe.fileio import atomic_path, sha256_file, write_json_atomic
 from facemoe.runtime.engine_identity import (
     ENGINES_DIR,
@@ -37,7 +43,6 @@ from facemoe.runtime.engine_identity import (
     is_jetson,
     load_cudart,
     manifest_entry,
-    plugin_hashes,
     read_sidecar,
     write_sidecar,
 )
@@ -45,12 +50,13 @@ from facemoe.runtime.engine_identity import (
 if TYPE_CHECKING:
     import tensorrt as trt
 
-TIMING_CACHE_NAME = "timing.cache"
+# One timing cache per GPU architecture and TensorRT version: TensorRT rejects (or, told to ignore the
+# mismatch, mis-times with) a cache from another device or release.
+TIMING_CACHE_PATTERN = "timing.{capability}.trt{version}.cache"
 DEFAULT_PROFILE = (1, 8, 32)
 # Jetson shares one DRAM between CPU and GPU; TensorRT's default workspace (all device memory) makes the
 # builder's tactic search compete with the weights for the same memory and end in out-of-memory.
 JETSON_WORKSPACE_BYTES = 1 << 30
-CUSTOM_OP_DOMAIN = "facemoe"
 
 _OOM_MARKERS = (
     "out of memory",
@@ -62,8 +68,6 @@ _OOM_MARKERS = (
     "bad_alloc",
     "allocation failed",
 )
-# Plugin libraries already registered in this process (registering one twice duplicates its creators).
-_LOADED_PLUGINS: dict[str, str] = {}
 
 
 def require_tensorrt() -> ModuleType:
@@ -72,7 +76,8 @@ def require_tensorrt() -> ModuleType:
     if trt_module is None:
         raise FaceMoEError(
             "TensorRT is not installed: on a Jetson it comes with JetPack (python3-libnvinfer), on x86 "
-            "`pip install tensorrt` (NVIDIA's wheels, CUDA 12/13). Without it, run the bundle with "
+            "`pip install tensorrt-cu12` for a CUDA 12 driver or `pip install tensorrt-cu13` for a CUDA 13 one "
+            "(a bare `pip install tensorrt` pulls the CUDA 13 build). Without it, run the bundle with "
             "--backend onnxruntime"
         )
     return trt_module
@@ -128,6 +133,9 @@ class BuildOptions:
     workspace_bytes: int | None = None
     optimization_level: int = 3
     plugin_libraries: Sequence[Path] = ()
+    # Graphs with facemoe::SparseMoE nodes and no plugin library: which implementation of the Python plugin
+    # (facemoe.export.trt_plugin) the engine embeds. "auto": AOT where TensorRT and triton allow it.
+    plugin_mode: str = "auto"
     weakly_typed_fp16: bool = False
     timing_cache: bool = True
     force: bool = False
@@ -146,6 +154,8 @@ class BuildOptions:
             raise FaceMoEError(f"builder optimisation level must be 0..5, got {self.optimization_level}")
         if self.workspace_bytes is not None and self.workspace_bytes < 16 << 20:
             raise FaceMoEError(f"workspace {self.workspace_bytes} bytes is too small (at least 16 MiB)")
+        if self.plugin_mode not in ("auto", "aot", "jit"):
+            raise FaceMoEError(f"unknown plugin mode {self.plugin_mode!r}; choose auto, aot or jit")
         if self.weakly_typed_fp16 and self.precision != "fp16":
             raise FaceMoEError("the weakly typed fallback only builds fp16 engines")
 
@@ -162,48 +172,6 @@ class BuiltEngine:
     sha256: str
     reused: bool = False
     notes: list[str] = field(default_factory=list)
-
-
-# ------------------------------------------------------------------------------------------- plugins
-
-
-def load_plugin_libraries(paths: Sequence[str | Path]) -> dict[str, str]:
-    """Register plugin libraries with TensorRT's global registry; returns name -> sha256 of each."""
-    if not paths:
-        return {}
-    require_tensorrt()
-    import tensorrt as trt
-
-    hashes = plugin_hashes([Path(p) for p in paths])
-    registry = trt.get_plugin_registry()
-    for path in paths:
-        resolved = str(Path(path).resolve())
-        if resolved in _LOADED_PLUGINS:
-            continue
-        try:
-            if hasattr(registry, "load_library"):
-                handle = registry.load_library(resolved)
-                if handle is None:
-                    raise OSError("TensorRT's plugin registry refused it (see the TensorRT log above)")
-            else:  # TensorRT before 10 registers creators from the library's static initialisers
-                ctypes.CDLL(resolved, mode=ctypes.RTLD_GLOBAL)
-        except OSError as exc:
-            raise FaceMoEError(f"{path}: cannot load TensorRT plugin library: {exc}") from exc
-        _LOADED_PLUGINS[resolved] = hashes[Path(path).name]
-    return hashes
-
-
-def bundle_plugin_libraries(bundle: Bundle) -> list[Path]:
-    """Plugin libraries shipped inside the bundle (``plugins/*.so``), used when none are given."""
-    folder = bundle.root / "plugins"
-    return sorted(folder.glob("*.so")) if folder.is_dir() else []
-
-
-def needs_plugins(bundle: Bundle, precision: str) -> bool:
-    """Whether the artifact holds custom gating nodes (domain ``facemoe``) that only a plugin implements."""
-    art = bundle.manifest.artifacts.get(precision)
-    gating = (art.gating if art else "onnx") or "onnx"
-    return gating != "onnx" or bundle.manifest.routing.get("gating", "onnx") not in ("onnx", None)
 
 
 # --------------------------------------------------------------------------------------------- build
@@ -223,7 +191,8 @@ def _logger(verbose: bool, messages: list[tuple[int, str]]) -> trt.ILogger:
         def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
             messages.append((int(severity), msg))
             if int(severity) <= shown:
-                print(f"[TensorRT {getattr(severity, 'name', severity)}] {msg}", flush=True)
+                # stderr: stdout may carry a command's results (JSON Lines events with --out -).
+                print(f"[TensorRT {getattr(severity, 'name', severity)}] {msg}", file=sys.stderr, flush=True)
 
     return _CapturingLogger()
 
@@ -233,12 +202,25 @@ def _errors(messages: list[tuple[int, str]]) -> list[str]:
     return [msg for level, msg in messages if level <= 1]
 
 
-def _network_flags(caps: TensorRTCapabilities, weak: bool) -> int:
+def _network_flags(caps: TensorRTCapabilities, weak: bool, plugin_mode: str | None = None) -> int:
+    """Network creation flags: strong typing (10.x), and which Python plugin implementation to prefer.
+
+    With both an AOT and a JIT implementation registered, TensorRT >= 10.9 refuses to create the plugin
+    unless the network says which one it prefers.
+    """
     import tensorrt as trt
 
-    if weak or caps.always_strongly_typed:
-        return 0  # 11.x ignores the flag (strong typing is unconditional)
-    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    members = getattr(trt.NetworkDefinitionCreationFlag, "__members__", {})
+    flags = 0
+    if not weak and not caps.always_strongly_typed:  # 11.x is always strongly typed and needs no flag
+        flags |= 1 << int(members["STRONGLY_TYPED"])
+    if plugin_mode is not None:
+        name = f"PREFER_{plugin_mode.upper()}_PYTHON_PLUGINS"
+        if name in members:
+            flags |= 1 << int(members[name])
+        elif plugin_mode == "aot":
+            raise FaceMoEError(f"TensorRT {caps.version} has no {name}: AOT plugins need TensorRT 10.9 or newer")
+    return flags
 
 
 def _parse_onnx(parser: trt.OnnxParser, path: Path) -> None:
@@ -255,18 +237,27 @@ def _parse_onnx(parser: trt.OnnxParser, path: Path) -> None:
     raise FaceMoEError(f"{path}: TensorRT's ONNX parser failed: " + "; ".join(errors[:5]))
 
 
+def timing_cache_path(bundle_root: Path, capability: str, version: str) -> Path:
+    return bundle_root / ENGINES_DIR / TIMING_CACHE_PATTERN.format(capability=capability, version=version)
+
+
 def _timing_cache(config: trt.IBuilderConfig, path: Path, enabled: bool, notes: list[str]) -> trt.ITimingCache | None:
+    """Attach the timing cache at ``path``; a corrupt or foreign one is replaced by an empty cache."""
     if not enabled:
         return None
     data = path.read_bytes() if path.is_file() else b""
-    cache = config.create_timing_cache(data)
-    if config.set_timing_cache(cache, False):
-        if data:
+    if data:
+        cache = None
+        with contextlib.suppress(RuntimeError, TypeError, ValueError):  # a blob TensorRT cannot parse
+            cache = config.create_timing_cache(data)
+        if cache is not None and config.set_timing_cache(cache, False):
             notes.append(f"reused timing cache {path.name} ({len(data)} bytes)")
-        return cache
-    notes.append(f"timing cache {path.name} is from another GPU or TensorRT version: starting a new one")
+            return cache
+        notes.append(f"timing cache {path.name} is corrupt or from another GPU: starting a new one")
     cache = config.create_timing_cache(b"")
-    config.set_timing_cache(cache, False)
+    if cache is None or not config.set_timing_cache(cache, False):
+        notes.append("TensorRT refused an empty timing cache: building without one")
+        return None
     return cache
 
 
@@ -390,11 +381,9 @@ def build_engine(
     artifact = bundle.artifact(source_precision)
 
     libraries = [Path(p) for p in options.plugin_libraries] or bundle_plugin_libraries(bundle)
+    plugin_mode: str | None = None
     if needs_plugins(bundle, source_precision) and not libraries:
-        raise FaceMoEError(
-            f"{onnx_path}: the graph has custom gating nodes (domain {CUSTOM_OP_DOMAIN!r}) that only a TensorRT "
-            "plugin implements; pass --plugin path/to/the/plugin/library.so"
-        )
+        plugin_mode = python_plugin_mode(onnx_path, options.plugin_mode, caps.version)
     plugins = load_plugin_libraries(libraries)
 
     jetson = device.is_jetson or is_jetson()
@@ -413,6 +402,7 @@ def build_engine(
         builder_optimization_level=options.optimization_level,
         strongly_typed=not weak,
         workspace_bytes=workspace,
+        python_plugin=plugin_mode or "",
     )
     if not options.force and (found := _existing(bundle, identity)) is not None:
         say(f"engine {found.path.name} already matches this GPU, TensorRT and ONNX: reusing it")
@@ -427,8 +417,14 @@ def build_engine(
     notes: list[str] = []
     logger = _logger(options.verbose, messages)
     trt.init_libnvinfer_plugins(logger, "")
-    builder = trt.Builder(logger)
-    network = builder.create_network(_network_flags(caps, weak))
+    try:
+        builder = trt.Builder(logger)
+    except TypeError as exc:  # pybind11: "factory function returned nullptr" when CUDA cannot start
+        raise FaceMoEError(
+            f"TensorRT {caps.version} could not create a builder: CUDA failed to initialise (no GPU visible, or a "
+            f"driver older than this TensorRT's CUDA needs); {'; '.join(_errors(messages)) or exc}"
+        ) from exc
+    network = builder.create_network(_network_flags(caps, weak, plugin_mode))
     parser = trt.OnnxParser(network, logger)
     say(f"parsing {onnx_path.name} ({'weakly typed + FP16 flag' if weak else 'strongly typed'})")
     _parse_onnx(parser, onnx_path)
@@ -446,14 +442,25 @@ def build_engine(
         dims = [int(tensor.shape[i]) for i in range(len(tensor.shape))]
         if any(d < 0 for d in dims[1:]):
             raise FaceMoEError(f"{onnx_path}: input {tensor.name!r} has dynamic non-batch dims {dims}")
+        batches = {options.min_batch, options.opt_batch, options.max_batch}
+        if dims and dims[0] >= 0 and batches != {dims[0]}:
+            raise FaceMoEError(
+                f"{onnx_path}: input {tensor.name!r} has a static batch dimension of {dims[0]}, so TensorRT cannot "
+                f"build the batch {options.min_batch}..{options.max_batch} profile; re-export the bundle (its ONNX "
+                f"has a dynamic batch) or build with --min-batch/--opt-batch/--max-batch {dims[0]}"
+            )
         profile.set_shape(
             tensor.name,
             trt.Dims([options.min_batch, *dims[1:]]),
             trt.Dims([options.opt_batch, *dims[1:]]),
             trt.Dims([options.max_batch, *dims[1:]]),
         )
-    config.add_optimization_profile(profile)
-    cache_path = bundle.root / ENGINES_DIR / TIMING_CACHE_NAME
+    if config.add_optimization_profile(profile) < 0:
+        raise FaceMoEError(
+            f"{onnx_path}: TensorRT rejected the optimisation profile (batch {options.min_batch}/{options.opt_batch}/"
+            f"{options.max_batch}): " + ("; ".join(_errors(messages)[-3:]) or "see the TensorRT log above")
+        )
+    cache_path = timing_cache_path(bundle.root, identity.compute_capability, caps.version)
     _timing_cache(config, cache_path, options.timing_cache, notes)
 
     say(
@@ -504,6 +511,8 @@ __all__ = [
     "capabilities",
     "load_plugin_libraries",
     "needs_plugins",
+    "python_plugin_mode",
     "record_engine",
     "require_tensorrt",
+    "timing_cache_path",
 ]

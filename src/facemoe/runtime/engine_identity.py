@@ -220,19 +220,31 @@ class EngineIdentity:
     builder_optimization_level: int = 3
     strongly_typed: bool = True
     workspace_bytes: int | None = None
+    # "aot" / "jit": the engine holds facemoe::SparseMoE through the Python plugin (a JIT engine needs the
+    # plugin registered, with torch and triton, before it can be deserialised); "" otherwise.
+    python_plugin: str = ""
     build_time: str = ""
     build_seconds: float | None = None
     facemoe_version: str = facemoe.__version__
 
     def compatibility_fields(self) -> dict[str, Any]:
-        """The fields that decide whether an engine can serve a request (build time etc. do not)."""
+        """The fields an engine is built from and for: an engine is reused only when all of them match.
+
+        The GPU model is among them, not only its architecture: TensorRT warns that a plan is tuned for the
+        exact device. Build time and duration are not.
+        """
         return {
             "compute_capability": self.compute_capability,
+            "gpu_model": gpu_model(self.gpu_name),
             "tensorrt_version": self.tensorrt_version,
             "precision": self.precision,
             "profile": [self.min_batch, self.opt_batch, self.max_batch],
             "onnx_sha256": self.onnx_sha256,
             "plugins": dict(sorted(self.plugin_hashes.items())),
+            "python_plugin": self.python_plugin,
+            "optimization_level": self.builder_optimization_level,
+            "workspace_bytes": self.workspace_bytes,
+            "strongly_typed": self.strongly_typed,
         }
 
     @property
@@ -270,6 +282,12 @@ class EngineIdentity:
     @staticmethod
     def now() -> str:
         return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def gpu_model(name: str) -> str:
+    """A GPU name compared across detection sources: case, spacing and the "NVIDIA " prefix ignored."""
+    text = " ".join(name.lower().split())
+    return text.removeprefix("nvidia ").strip()
 
 
 def _version_pair(recorded: str, current: str) -> tuple[str, str]:
@@ -397,6 +415,7 @@ def manifest_entry(bundle_root: str | Path, engine_path: str | Path, identity: E
         "min_batch": identity.min_batch,
         "opt_batch": identity.opt_batch,
         "max_batch": identity.max_batch,
+        "python_plugin": identity.python_plugin,
         "built": identity.build_time,
     }
 
@@ -438,6 +457,8 @@ class EngineChoice:
     path: Path
     identity: EngineIdentity
     sha256: str
+    # Set when the engine was built on another model of this GPU architecture (it runs, maybe slower).
+    note: str = ""
 
 
 def select_engine(
@@ -488,7 +509,14 @@ def select_engine(
             + f". Rebuild for this device with: facemoe build-engine {bundle.root} --precision {precision}"
             + (f" --max-batch {batch}" if batch > 32 else "")
         )
-    choice = min(fitting, key=lambda c: c.identity.max_batch)
+    here = gpu_model(device.gpu_name or "")
+    # An engine tuned on this very GPU model first, then the one with the least activation memory.
+    choice = min(fitting, key=lambda c: (gpu_model(c.identity.gpu_name) != here, c.identity.max_batch))
+    if gpu_model(choice.identity.gpu_name) != here:
+        choice.note = (
+            f"engine {choice.path.name} was built on {choice.identity.gpu_name}, this is {device.gpu_name} (same "
+            f"{choice.identity.compute_capability}): it runs, but rebuilding here gives kernels tuned for this GPU"
+        )
     if verify:
         verify_engine_file(choice.path, choice.sha256)
     return choice
@@ -501,6 +529,7 @@ __all__ = [
     "EngineUnavailable",
     "compare",
     "detect_device",
+    "gpu_model",
     "import_tensorrt",
     "is_jetson",
     "load_cudart",

@@ -90,6 +90,9 @@ class Backend(abc.ABC):
         backend accepts these; backend-specific options are further keywords.
         """
 
+    # One line on why this backend and precision were chosen (set by runtime.backends.select.open_backend).
+    selection: str = ""
+
     @abc.abstractmethod
     def _embed_batch(self, batch: np.ndarray) -> np.ndarray:
         """Run one batch of at most ``max_batch`` faces."""

@@ -1,14 +1,32 @@
-"""Backend selection: ``auto`` picks TensorRT, then ONNX Runtime, then PyTorch, whichever can run."""
+"""Back-end and precision policy, in one place (docs/TENSORRT.md, "Which back end runs").
+
+Precisions are tried fastest first (int8, fp16, fp32), and only those whose ONNX artifact passed its parity
+gate at export. ``auto``:
+
+1. TensorRT, at the first such precision that has an engine usable on this GPU with this TensorRT;
+2. on a GPU box without a usable engine: ONNX Runtime when it has a CUDA provider, else PyTorch on the GPU;
+3. else ONNX Runtime (fp32: its CPU fp16 kernels are slow), then PyTorch on the CPU.
+
+Whatever it picks, it says so on one line (``Backend.selection``, which ``facemoe-run`` prints, or the
+``report`` callback), with the reason each better option was skipped (engine missing, built elsewhere,
+TensorRT absent, ...): a GPU box never falls to ONNX Runtime fp32 without a word. An
+explicit ``--backend`` runs that back end or fails with its reason; ``torch`` runs on the CPU when there
+is no CUDA GPU (fp32).
+"""
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 
 from facemoe.bundle import Bundle
 from facemoe.errors import FaceMoEError
 from facemoe.runtime.backends.base import Backend, BackendUnavailable
 
 BACKEND_NAMES = ("auto", "tensorrt", "onnxruntime", "torch")
+PRECISION_ORDER = ("int8", "fp16", "fp32")  # fastest first
+
+Report = Callable[[str], None]
 
 
 def available_backends() -> list[str]:
@@ -26,35 +44,122 @@ def available_backends() -> list[str]:
     return names
 
 
-def _default_precision(bundle: Bundle, backend: str) -> str:
-    # On a GPU the fastest artifact that passed parity; on the CPU fp32 (ORT's CPU fp16 kernels are slow).
-    if backend == "tensorrt":
-        for precision in ("int8", "fp16", "fp32"):
-            if precision in bundle.precisions:
-                return precision
-    return "fp32"
+def passed_parity(bundle: Bundle, precision: str) -> bool:
+    """The bundle has this ONNX and it did not fail its parity gate (bundles exported with --no-gate may)."""
+    artifact = bundle.manifest.artifacts.get(precision)
+    return artifact is not None and artifact.parity.get("passed", True) is not False
 
 
-def _open_one(name: str, bundle: Bundle, precision: str | None, max_batch: int, threads: int | None) -> Backend:
-    if name == "tensorrt":
+def trusted_precisions(bundle: Bundle) -> list[str]:
+    """The bundle's precisions that passed parity, fastest first."""
+    return [p for p in PRECISION_ORDER if passed_parity(bundle, p)]
+
+
+def engine_precision(bundle: Bundle) -> str:
+    """The precision to build a TensorRT engine for by default: the fastest that passed parity."""
+    trusted = trusted_precisions(bundle)
+    if not trusted:
+        raise FaceMoEError(f"{bundle.root}: no ONNX artifact passed its parity gate; re-export the bundle")
+    return trusted[0]
+
+
+def _has_gpu() -> bool:
+    from facemoe.runtime.engine_identity import detect_device
+
+    return detect_device().has_gpu
+
+
+def _ort_has_cuda() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def _torch_cuda() -> bool:
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def _open_tensorrt(bundle: Bundle, precision: str | None, max_batch: int, skipped: list[str]) -> Backend:
+    """TensorRT at ``precision``, or at the fastest trusted precision with a usable engine.
+
+    Engine problems (missing, built elsewhere, stale, modified) move on to the next precision and end in one
+    ``EngineUnavailable`` listing them all; a missing library or GPU ends the attempt at once.
+    """
+    try:
+        from facemoe.runtime.backends.tensorrt_backend import TensorRTBackend
+    except ImportError as exc:
+        raise BackendUnavailable(f"TensorRT backend unavailable: {exc}") from exc
+    from facemoe.errors import EngineMismatchError
+    from facemoe.runtime.engine_identity import EngineUnavailable
+
+    candidates = [precision] if precision else trusted_precisions(bundle)
+    reasons: list[str] = []
+    for candidate in candidates:
         try:
-            from facemoe.runtime.backends.tensorrt_backend import TensorRTBackend
-        except ImportError as exc:
-            raise BackendUnavailable(f"TensorRT backend unavailable: {exc}") from exc
-        return TensorRTBackend.from_bundle(bundle, precision or _default_precision(bundle, name), max_batch)
+            backend = TensorRTBackend.from_bundle(bundle, candidate, max_batch)
+        except EngineMismatchError as exc:  # also a modified engine file, or one TensorRT would not load
+            reasons.append(f"tensorrt {candidate}: {exc}")
+            continue
+        skipped.extend(reasons)
+        if backend.note:
+            skipped.append(backend.note)
+        return backend
+    if not reasons:
+        raise EngineUnavailable(f"{bundle.root}: no ONNX artifact passed its parity gate")
+    raise EngineUnavailable(" | ".join(reasons))
+
+
+def _open_one(
+    name: str,
+    bundle: Bundle,
+    precision: str | None,
+    max_batch: int,
+    threads: int | None,
+    skipped: list[str],
+    device: str | None = None,
+) -> Backend:
+    if name == "tensorrt":
+        return _open_tensorrt(bundle, precision, max_batch, skipped)
     if name == "onnxruntime":
         from facemoe.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend.from_bundle(
-            bundle, precision or _default_precision(bundle, name), max_batch=max_batch, threads=threads
-        )
+        return OnnxRuntimeBackend.from_bundle(bundle, precision or "fp32", max_batch=max_batch, threads=threads)
     if name == "torch":
         try:
             from facemoe.runtime.backends.torch_backend import TorchBackend
         except ImportError as exc:
             raise BackendUnavailable(f"PyTorch backend unavailable: {exc}") from exc
-        return TorchBackend.from_bundle(bundle, precision or "fp16", max_batch)
+        device = device or ("cuda" if _torch_cuda() else "cpu")
+        default = "fp16" if device.startswith("cuda") else "fp32"
+        return TorchBackend.from_bundle(bundle, precision or default, max_batch, device=device)
     raise FaceMoEError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
+
+
+def _auto_order(gpu: bool) -> list[tuple[str, str | None]]:
+    """(backend, torch device) in the order ``auto`` tries them."""
+    if not gpu:
+        return [("tensorrt", None), ("onnxruntime", None), ("torch", "cpu")]
+    if _ort_has_cuda():
+        return [("tensorrt", None), ("onnxruntime", None), ("torch", "cuda")]
+    return [("tensorrt", None), ("torch", "cuda"), ("onnxruntime", None), ("torch", "cpu")]
+
+
+def _chosen(backend: Backend, skipped: list[str], report: Report | None) -> Backend:
+    """Record (and report) the one-line account of the choice on the backend."""
+    text = f"backend: {backend.describe()}"
+    engine = getattr(backend, "engine_path", None)
+    if engine is not None:
+        text += f" engine {engine.name}"
+    backend.selection = text + (f"; skipped {' | '.join(skipped)}" if skipped else "")
+    if report is not None:
+        report(backend.selection)
+    return backend
 
 
 def open_backend(
@@ -63,18 +168,43 @@ def open_backend(
     precision: str | None = None,
     max_batch: int = 32,
     threads: int | None = None,
+    report: Report | None = None,
 ) -> Backend:
-    """Open ``backend`` for ``bundle``; with ``auto`` the first that works, in TensorRT > ORT > torch order."""
+    """Open ``backend`` for ``bundle`` by the policy above; ``report`` gets the one-line choice and reasons."""
     if not isinstance(bundle, Bundle):
         bundle = Bundle(bundle)
+    if backend not in BACKEND_NAMES:
+        raise FaceMoEError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
+    if precision is not None and precision not in PRECISION_ORDER:
+        raise FaceMoEError(f"unknown precision {precision!r}; choose {', '.join(PRECISION_ORDER)}")
+    skipped: list[str] = []
     if backend != "auto":
-        return _open_one(backend, bundle, precision, max_batch, threads)
-    reasons = []
-    for name in ("tensorrt", "onnxruntime", "torch"):
-        if name not in available_backends():
+        return _chosen(_open_one(backend, bundle, precision, max_batch, threads, skipped), skipped, report)
+    names = available_backends()
+    gpu = _has_gpu()
+    for name, device in _auto_order(gpu):
+        if name not in names:
+            if name == "tensorrt" and gpu:
+                skipped.append("tensorrt: TensorRT is not installed")
             continue
         try:
-            return _open_one(name, bundle, precision, max_batch, threads)
+            opened = _open_one(name, bundle, precision, max_batch, threads, skipped, device)
         except BackendUnavailable as exc:
-            reasons.append(f"{name}: {exc}")
-    raise BackendUnavailable("no backend can run this bundle here (" + "; ".join(reasons) + ")")
+            # _open_tensorrt's message already names each precision it tried
+            skipped.append(
+                str(exc) if str(exc).startswith("tensorrt ") else f"{name}{f' ({device})' if device else ''}: {exc}"
+            )
+            continue
+        return _chosen(opened, skipped, report)
+    raise BackendUnavailable("no backend can run this bundle here (" + " | ".join(skipped) + ")")
+
+
+__all__ = [
+    "BACKEND_NAMES",
+    "PRECISION_ORDER",
+    "available_backends",
+    "engine_precision",
+    "open_backend",
+    "passed_parity",
+    "trusted_precisions",
+]

@@ -5,13 +5,7 @@ TensorRT version, ONNX and plugin hashes) and the file's sha256 with the sidecar
 refused with the reason ("built on sm_87 with TensorRT 10.3, this is sm_89 with TensorRT 10.13"), or rebuilt
 from the bundle's ONNX when ``rebuild=True``.
 
-Why cuda-python (``cuda.bindings.runtime``) and not pycuda for device memory, pinned buffers and streams:
-it is NVIDIA's own binding, released with each CUDA version, shipped as pip wheels for x86_64 and aarch64
-(Jetson included) with nothing to compile; it is a thin, one-to-one wrapper over the CUDA runtime API (the
-API TensorRT itself uses), so it shares the runtime's primary context with TensorRT instead of creating one
-of its own. pycuda has to be compiled against the local CUDA on a Jetson and creates and pushes its own
-driver context (``pycuda.autoinit``), which must then be kept current around every TensorRT call. The
-bindings are wrapped below in a small typed class that checks every returned error code.
+cuda-python drives memory, pinned buffers and streams (runtime/backends/cuda_runtime.py says why).
 
 No torch here: the runtime must run on an edge box that carries TensorRT, numpy and cuda-python only.
 """
@@ -21,10 +15,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import importlib.util
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,6 +26,7 @@ import numpy as np
 from facemoe.bundle import Bundle
 from facemoe.errors import EngineMismatchError, FaceMoEError
 from facemoe.runtime.backends.base import Backend, BackendUnavailable
+from facemoe.runtime.backends.cuda_runtime import CudaRuntime
 from facemoe.runtime.engine_identity import (
     EngineChoice,
     EngineIdentity,
@@ -39,7 +34,6 @@ from facemoe.runtime.engine_identity import (
     compare,
     detect_device,
     import_tensorrt,
-    load_cudart,
     plugin_hashes,
     read_sidecar,
     select_engine,
@@ -48,91 +42,6 @@ from facemoe.runtime.engine_identity import (
 
 if TYPE_CHECKING:
     import tensorrt as trt
-
-
-class CudaRuntime:
-    """Typed, error-checked subset of the CUDA runtime API (cuda-python returns ``(err, *values)`` tuples)."""
-
-    def __init__(self, module: ModuleType) -> None:
-        self._rt = module
-
-    @classmethod
-    def load(cls) -> CudaRuntime:
-        module = load_cudart()
-        if module is None:
-            raise BackendUnavailable(
-                "cuda-python is not installed (the TensorRT backend allocates GPU memory and streams through "
-                "it): pip install 'facemoe-edge[trt]'"
-            )
-        return cls(module)
-
-    def _check(self, result: Any, what: str) -> Any:
-        values = result if isinstance(result, tuple) else (result,)
-        err = values[0]
-        if int(err) != 0:
-            detail = ""
-            with contextlib.suppress(Exception):  # the string is a nicety; the code is reported anyway
-                detail = self._rt.cudaGetErrorString(err)[1].decode()
-            name = getattr(err, "name", str(err))
-            raise FaceMoEError(f"CUDA {what} failed: {name} {detail}".rstrip())
-        rest = values[1:]
-        return rest[0] if len(rest) == 1 else rest
-
-    def set_device(self, index: int) -> None:
-        self._check(self._rt.cudaSetDevice(index), "cudaSetDevice")
-
-    def mem_get_info(self) -> tuple[int, int]:
-        free, total = self._check(self._rt.cudaMemGetInfo(), "cudaMemGetInfo")
-        return int(free), int(total)
-
-    def malloc(self, size: int) -> int:
-        return int(self._check(self._rt.cudaMalloc(max(size, 1)), "cudaMalloc"))
-
-    def free(self, ptr: int) -> None:
-        self._check(self._rt.cudaFree(ptr), "cudaFree")
-
-    def malloc_host(self, size: int) -> int:
-        return int(self._check(self._rt.cudaMallocHost(max(size, 1)), "cudaMallocHost"))
-
-    def free_host(self, ptr: int) -> None:
-        self._check(self._rt.cudaFreeHost(ptr), "cudaFreeHost")
-
-    def stream_create(self) -> Any:
-        return self._check(
-            self._rt.cudaStreamCreateWithFlags(self._rt.cudaStreamNonBlocking), "cudaStreamCreateWithFlags"
-        )
-
-    def stream_destroy(self, stream: Any) -> None:
-        self._check(self._rt.cudaStreamDestroy(stream), "cudaStreamDestroy")
-
-    def stream_synchronize(self, stream: Any) -> None:
-        self._check(self._rt.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
-
-    def copy_htod_async(self, dst: int, src: int, size: int, stream: Any) -> None:
-        kind = self._rt.cudaMemcpyKind.cudaMemcpyHostToDevice
-        self._check(self._rt.cudaMemcpyAsync(dst, src, size, kind, stream), "cudaMemcpyAsync (host to device)")
-
-    def copy_dtoh_async(self, dst: int, src: int, size: int, stream: Any) -> None:
-        kind = self._rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        self._check(self._rt.cudaMemcpyAsync(dst, src, size, kind, stream), "cudaMemcpyAsync (device to host)")
-
-    def begin_capture(self, stream: Any) -> None:
-        # Thread-local: CUDA calls other threads make meanwhile (a decoder, another backend) stay legal.
-        mode = self._rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
-        self._check(self._rt.cudaStreamBeginCapture(stream, mode), "cudaStreamBeginCapture")
-
-    def end_capture(self, stream: Any) -> Any:
-        return self._check(self._rt.cudaStreamEndCapture(stream), "cudaStreamEndCapture")
-
-    def graph_instantiate(self, graph: Any) -> Any:
-        return self._check(self._rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
-
-    def graph_launch(self, graph_exec: Any, stream: Any) -> None:
-        self._check(self._rt.cudaGraphLaunch(graph_exec, stream), "cudaGraphLaunch")
-
-    def graph_destroy(self, graph: Any, graph_exec: Any) -> None:
-        self._check(self._rt.cudaGraphExecDestroy(graph_exec), "cudaGraphExecDestroy")
-        self._check(self._rt.cudaGraphDestroy(graph), "cudaGraphDestroy")
 
 
 def _pinned_array(ptr: int, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
@@ -144,7 +53,24 @@ def _pinned_array(ptr: int, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.
 def _require_tensorrt() -> None:
     if import_tensorrt() is None:
         raise BackendUnavailable(
-            "TensorRT is not installed (JetPack's python3-libnvinfer on Jetson, `pip install tensorrt` on x86)"
+            "TensorRT is not installed (JetPack's python3-libnvinfer on Jetson; on x86 `pip install tensorrt-cu12` "
+            "or `tensorrt-cu13`, matching the driver's CUDA major version)"
+        )
+
+
+def _register_jit_plugin(engine_path: Path) -> None:
+    """An engine built with the JIT facemoe::SparseMoE plugin calls back into Python: register it first."""
+    from facemoe.export import trt_plugin
+
+    missing = [name for name in ("torch", "triton") if importlib.util.find_spec(name) is None]
+    registered: frozenset[str] = frozenset()
+    if not missing:
+        registered = trt_plugin.register(aot=False)
+    if missing or "jit" not in registered:
+        need = " and ".join(missing) if missing else "TensorRT 10.6 or newer with its Python plugin API"
+        raise EngineUnavailable(
+            f"{engine_path}: the engine runs facemoe::SparseMoE through the JIT Python plugin, which needs {need} "
+            "here; rebuild it with --plugin-mode aot (no Python at run time) or re-export with --gating onnx"
         )
 
 
@@ -171,6 +97,7 @@ class TensorRTBackend(Backend):
         from facemoe.export.tensorrt import load_plugin_libraries
 
         self._closed = True
+        self.note = ""  # why this engine may not be the best one for this GPU (see select_engine)
         self.cuda = CudaRuntime.load()
         self.engine_path = Path(engine_path)
         self.identity = identity
@@ -181,11 +108,19 @@ class TensorRTBackend(Backend):
         if expected_sha256 is not None:
             verify_engine_file(self.engine_path, expected_sha256)
         load_plugin_libraries(list(plugin_libraries))
+        if identity is not None and identity.python_plugin == "jit":
+            _register_jit_plugin(self.engine_path)
         self.cuda.set_device(device_index)
         free_before, _ = self.cuda.mem_get_info()
 
         logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(logger)
+        try:
+            self._runtime = trt.Runtime(logger)
+        except TypeError as exc:  # pybind11: "factory function returned nullptr" when CUDA cannot start
+            raise BackendUnavailable(
+                f"TensorRT {trt.__version__} could not create its runtime: CUDA failed to initialise (no GPU "
+                "visible, or a driver older than this TensorRT's CUDA needs)"
+            ) from exc
         engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
         if engine is None:
             raise EngineMismatchError(
@@ -283,7 +218,7 @@ class TensorRTBackend(Backend):
             )
             built = build_engine(bundle, options, device=device, log=lambda msg: print(msg, file=sys.stderr))
             choice = EngineChoice(built.path, built.identity, built.sha256)
-        return cls(
+        backend = cls(
             choice.path,
             precision=precision,
             max_batch=max_batch,
@@ -292,6 +227,8 @@ class TensorRTBackend(Backend):
             device_index=device_index,
             plugin_libraries=libraries,
         )
+        backend.note = choice.note
+        return backend
 
     @classmethod
     def from_engine_file(cls, engine_path: str | Path, device_index: int = 0, **kwargs: Any) -> TensorRTBackend:
@@ -357,15 +294,22 @@ class TensorRTBackend(Backend):
         self._enqueue(context, n)
         self.cuda.stream_synchronize(self._stream)
         self.cuda.begin_capture(self._stream)
+        graph = None
         try:
             self._enqueue(context, n)
+            graph = self.cuda.end_capture(self._stream)
+            graph_exec = self.cuda.graph_instantiate(graph)
         except FaceMoEError as exc:
-            with contextlib.suppress(FaceMoEError):  # the failed capture may already be invalidated
-                self.cuda.end_capture(self._stream)
+            # The capture may have been invalidated (end_capture then fails too); either way the stream must
+            # leave capture mode before it is used again, and this batch runs eagerly from now on.
+            if graph is None:
+                with contextlib.suppress(FaceMoEError):
+                    self.cuda.end_capture(self._stream)
+            else:
+                with contextlib.suppress(FaceMoEError):
+                    self.cuda.graph_destroy_graph(graph)
             self.cuda_graphs, self.cuda_graph_error = False, f"capture failed, running without CUDA graphs: {exc}"
             return None
-        graph = self.cuda.end_capture(self._stream)
-        graph_exec = self.cuda.graph_instantiate(graph)
         self._graphs[n] = (graph, graph_exec, context)
         return graph_exec
 
