@@ -97,7 +97,8 @@ def build_engine(
     chosen = precision.value if precision is not None else ("fp16" if weak_fp16 else engine_precision(loaded))
     if chosen not in loaded.precisions and not weak_fp16:
         raise FaceMoEError(
-            f"{bundle}: no {chosen} ONNX to build from (it has: {', '.join(loaded.precisions)}); re-export with --{chosen}"
+            f"{bundle}: no {chosen} ONNX to build from (it has: {', '.join(loaded.precisions)}); "
+            f"re-export with --{chosen}"
         )
     _check_engines_dir(loaded.root / ENGINES_DIR)
 
