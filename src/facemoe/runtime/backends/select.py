@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
+from typing import Any
 
 from facemoe.bundle import Bundle
 from facemoe.errors import FaceMoEError
@@ -85,7 +86,9 @@ def _torch_cuda() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def _open_tensorrt(bundle: Bundle, precision: str | None, max_batch: int, skipped: list[str]) -> Backend:
+def _open_tensorrt(
+    bundle: Bundle, precision: str | None, max_batch: int, skipped: list[str], options: dict[str, Any]
+) -> Backend:
     """TensorRT at ``precision``, or at the fastest trusted precision with a usable engine.
 
     Engine problems (missing, built elsewhere, stale, modified) move on to the next precision and end in one
@@ -102,7 +105,7 @@ def _open_tensorrt(bundle: Bundle, precision: str | None, max_batch: int, skippe
     reasons: list[str] = []
     for candidate in candidates:
         try:
-            backend = TensorRTBackend.from_bundle(bundle, candidate, max_batch)
+            backend = TensorRTBackend.from_bundle(bundle, candidate, max_batch, **options)
         except EngineMismatchError as exc:  # also a modified engine file, or one TensorRT would not load
             reasons.append(f"tensorrt {candidate}: {exc}")
             continue
@@ -123,13 +126,17 @@ def _open_one(
     threads: int | None,
     skipped: list[str],
     device: str | None = None,
+    options: dict[str, Any] | None = None,
 ) -> Backend:
+    options = options or {}
     if name == "tensorrt":
-        return _open_tensorrt(bundle, precision, max_batch, skipped)
+        return _open_tensorrt(bundle, precision, max_batch, skipped, {"device": device, **options})
     if name == "onnxruntime":
         from facemoe.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend.from_bundle(bundle, precision or "fp32", max_batch=max_batch, threads=threads)
+        return OnnxRuntimeBackend.from_bundle(
+            bundle, precision or "fp32", max_batch, device=device, threads=threads, **options
+        )
     if name == "torch":
         try:
             from facemoe.runtime.backends.torch_backend import TorchBackend
@@ -137,7 +144,9 @@ def _open_one(
             raise BackendUnavailable(f"PyTorch backend unavailable: {exc}") from exc
         device = device or ("cuda" if _torch_cuda() else "cpu")
         default = "fp16" if device.startswith("cuda") else "fp32"
-        return TorchBackend.from_bundle(bundle, precision or default, max_batch, device=device)
+        return TorchBackend.from_bundle(
+            bundle, precision or default, max_batch, device=device, threads=threads, **options
+        )
     raise FaceMoEError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
 
 
@@ -169,8 +178,16 @@ def open_backend(
     max_batch: int = 32,
     threads: int | None = None,
     report: Report | None = None,
+    *,
+    device: str | None = None,
+    **options: Any,
 ) -> Backend:
-    """Open ``backend`` for ``bundle`` by the policy above; ``report`` gets the one-line choice and reasons."""
+    """Open ``backend`` for ``bundle`` by the policy above; ``report`` gets the one-line choice and reasons.
+
+    ``device`` (``cpu``, ``cuda``, ``cuda:N``) and ``options`` go to the backend's ``from_bundle``
+    (runtime/backends/base.py): e.g. ``cuda_graphs``; torch ``routing``, ``compile``, ``half``; TensorRT
+    ``rebuild``. With ``auto`` a ``device`` given applies to every backend tried.
+    """
     if not isinstance(bundle, Bundle):
         bundle = Bundle(bundle)
     if backend not in BACKEND_NAMES:
@@ -179,20 +196,23 @@ def open_backend(
         raise FaceMoEError(f"unknown precision {precision!r}; choose {', '.join(PRECISION_ORDER)}")
     skipped: list[str] = []
     if backend != "auto":
-        return _chosen(_open_one(backend, bundle, precision, max_batch, threads, skipped), skipped, report)
+        opened = _open_one(backend, bundle, precision, max_batch, threads, skipped, device, options)
+        return _chosen(opened, skipped, report)
     names = available_backends()
     gpu = _has_gpu()
-    for name, device in _auto_order(gpu):
+    for name, auto_device in _auto_order(gpu):
         if name not in names:
             if name == "tensorrt" and gpu:
                 skipped.append("tensorrt: TensorRT is not installed")
             continue
         try:
-            opened = _open_one(name, bundle, precision, max_batch, threads, skipped, device)
+            opened = _open_one(name, bundle, precision, max_batch, threads, skipped, device or auto_device, options)
         except BackendUnavailable as exc:
             # _open_tensorrt's message already names each precision it tried
             skipped.append(
-                str(exc) if str(exc).startswith("tensorrt ") else f"{name}{f' ({device})' if device else ''}: {exc}"
+                str(exc)
+                if str(exc).startswith("tensorrt ")
+                else f"{name}{f' ({auto_device})' if auto_device else ''}: {exc}"
             )
             continue
         return _chosen(opened, skipped, report)

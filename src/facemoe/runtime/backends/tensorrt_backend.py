@@ -187,23 +187,33 @@ class TensorRTBackend(Backend):
         precision: str = "fp16",
         max_batch: int = 32,
         *,
+        device: str | None = None,
+        threads: int | None = None,
         rebuild: bool = False,
         cuda_graphs: bool = False,
         device_index: int = 0,
         plugin_libraries: Sequence[str | Path] = (),
     ) -> TensorRTBackend:
-        """The bundle's engine for this GPU; with ``rebuild`` a missing or mismatched one is built first."""
+        """The bundle's engine for this GPU; with ``rebuild`` a missing or mismatched one is built first.
+
+        ``device``: ``cuda`` or ``cuda:N`` (overrides ``device_index``); ``threads`` is accepted for the
+        common signature and unused (nothing runs on the CPU).
+        """
+        if device is not None:
+            if device != "cuda" and not (device.startswith("cuda:") and device[5:].isdigit()):
+                raise BackendUnavailable(f"device {device!r}: TensorRT runs on cuda or cuda:N")
+            device_index = int(device[5:] or 0)
         _require_tensorrt()
         CudaRuntime.load()
         from facemoe.export.tensorrt import BuildOptions, build_engine, bundle_plugin_libraries
 
-        device = detect_device(device_index)
-        if not device.has_gpu:
+        gpu = detect_device(device_index)
+        if not gpu.has_gpu:
             raise BackendUnavailable("no NVIDIA GPU found (checked cuda-python, nvidia-smi and the Jetson device tree)")
         libraries = [Path(p) for p in plugin_libraries] or bundle_plugin_libraries(bundle)
         hashes = plugin_hashes(libraries)
         try:
-            choice = select_engine(bundle, precision, max_batch, device, hashes)
+            choice = select_engine(bundle, precision, max_batch, gpu, hashes)
         except EngineUnavailable as exc:
             if not rebuild:
                 raise
@@ -216,7 +226,7 @@ class TensorRTBackend(Backend):
                 plugin_libraries=libraries,
                 device_index=device_index,
             )
-            built = build_engine(bundle, options, device=device, log=lambda msg: print(msg, file=sys.stderr))
+            built = build_engine(bundle, options, device=gpu, log=lambda msg: print(msg, file=sys.stderr))
             choice = EngineChoice(built.path, built.identity, built.sha256)
         backend = cls(
             choice.path,
@@ -338,6 +348,7 @@ class TensorRTBackend(Backend):
         # device_memory_size_v2 appeared in 10.1 and is the only one left in 11.
         activations = getattr(engine, "device_memory_size_v2", 0) or getattr(engine, "device_memory_size", 0)
         return {
+            **super().memory_stats(),
             "peak_device_memory_bytes": int(self.device_memory_bytes),
             "engine_activation_bytes": int(activations),
             "kind": "TensorRT: device memory taken by engine + context + IO buffers (cudaMemGetInfo)",
