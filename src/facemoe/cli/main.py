@@ -67,19 +67,21 @@ def parity(
 
     loaded = Bundle(bundle)
     model_info = loaded.manifest.model
-    src = model_info.get("source", {})
-    cfg = model_info["config"]
+    src = model_info.source
+    cfg = model_info.config
+    k = model_info.k if model_info.k is not None else int(cfg.get("k", 2))
     if checkpoint is not None:
-        model = load_checkpoint(checkpoint, config=cfg, k=model_info["k"])
-    elif src.get("random_weights"):
+        model = load_checkpoint(checkpoint, config=cfg, k=k)
+    elif src.random_weights:
         from facemoe.model import build_model
 
-        model = randomize(build_model(cfg), seed=int(src.get("seed", 0)))
-    elif src.get("path") and Path(src["path"]).is_file():
-        model = load_checkpoint(src["path"], config=cfg, k=model_info["k"])
+        model = randomize(build_model(cfg), seed=src.seed or 0, strength=1.0 if src.strength is None else src.strength)
+    elif src.path and Path(src.path).is_file():
+        model = load_checkpoint(src.path, config=cfg, k=k)
     else:
         raise FaceMoEError(f"{bundle}: the reference checkpoint is not available here; pass --checkpoint")
-    recorded = loaded.manifest.model.get("export", {}).get("parity_inputs", {})
+    export_info = model_info.export
+    recorded = (export_info.parity_inputs if export_info is not None else None) or {}
     inputs, said = recorded_parity_inputs(Path(bundle), recorded, count)
     console.print(f"inputs: {said}")
     reference = run_reference(model, inputs)
@@ -110,9 +112,9 @@ def info(bundle: Annotated[Path, typer.Argument(help="Bundle directory.")]) -> N
     loaded = Bundle(bundle)
     problems = loaded.verify()
     m = loaded.manifest
-    console.print(
-        f"model: {m.model.get('config')}  k={m.routing.get('k')}  random weights: {m.model.get('random_weights')}"
-    )
+    source = m.model.source
+    origin = f"random weights (seed {source.seed})" if m.model.random_weights else (source.path or "unrecorded")
+    console.print(f"model: {m.model.config}  k={m.routing.k}  weights: {origin}")
     table = Table("artifact", "file", "opset", "cos mean", "cos min", "routing min", "parity", "files")
     for precision in loaded.precisions:
         art = loaded.artifact(precision)
@@ -129,7 +131,10 @@ def info(bundle: Annotated[Path, typer.Argument(help="Bundle directory.")]) -> N
         )
     out.print(table)
     for engine in m.engines:
-        out.print(f"engine: {engine}")
+        out.print(
+            f"engine: {engine.file}  {engine.precision}  {engine.gpu_name} ({engine.compute_capability})  "
+            f"TensorRT {engine.tensorrt_version}  batch {engine.min_batch}/{engine.opt_batch}/{engine.max_batch}"
+        )
     if problems:
         raise BundleError(f"{bundle}: broken bundle: " + "; ".join(problems))
     console.print(f"[green]verified[/] {len(loaded.precisions)} artifacts, {len(m.engines)} engines (sha256)")

@@ -170,7 +170,7 @@ def load_model_from_bundle(bundle: Bundle, checkpoint: str | Path | None = None)
         )
     expected = section.get("weights_sha256")
     if expected:
-        from facemoe.export.bundle_writer import model_fingerprint
+        from facemoe.model.fingerprint import model_fingerprint
 
         if model_fingerprint(model) != expected:
             raise BundleError(
