@@ -1,4 +1,4 @@
-"""``manifest.json``: the typed manifest and its one writer (docs/BUNDLE.md, "Manifest").
+"""``manifest.json``: the typed manifest and its one writer (docs/BUNDLE.md#manifest).
 
 Only this module writes ``manifest.json``: the exporter through :func:`write_manifest`, engine builds
 through :func:`record_engine`. Both write atomically (a temporary file renamed into place), so a reader

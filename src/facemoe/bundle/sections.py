@@ -1,4 +1,4 @@
-"""The typed sections of ``manifest.json`` (docs/BUNDLE.md, "Manifest").
+"""The typed sections of ``manifest.json`` (docs/BUNDLE.md#manifest).
 
 Every section reads every manifest written so far: key names that older exporters wrote are read as their
 current names (``model.source.checkpoint`` as ``path``, ``random_seed`` as ``seed``), and keys this version
@@ -199,7 +199,7 @@ class ModelSection(Section):
 
 @dataclass(eq=True)
 class Preprocessing(Section):
-    """Pre-processing of the official TinyFace evaluation, which the runtime reproduces (docs/BUNDLE.md)."""
+    """Pre-processing of the TinyFace evaluation, which the runtime reproduces (docs/BUNDLE.md#preprocessing)."""
 
     color: str = "RGB"
     layout: str = "NCHW"
@@ -322,7 +322,7 @@ class Artifact:
 
 @dataclass(eq=True)
 class EngineEntry(Section):
-    """The summary of one TensorRT engine; the engine's sidecar stays authoritative (docs/BUNDLE.md)."""
+    """One TensorRT engine in the bundle; the engine's sidecar stays authoritative (docs/BUNDLE.md#engines)."""
 
     file: str
     sidecar: str | None = None
@@ -360,10 +360,21 @@ class EngineEntry(Section):
     def from_json(cls, data: Mapping[str, Any]) -> EngineEntry:
         if isinstance(data, EngineEntry):
             return data
-        values = {key: data.get(key) for key in cls.KNOWN}
-        for key in ("min_batch", "opt_batch", "max_batch"):
-            values[key] = _opt_int(values[key])
-        return cls(**{**values, "file": str(data["file"])}, extra=_extra(data, cls.KNOWN))
+        return cls(
+            file=str(data["file"]),
+            sidecar=data.get("sidecar"),
+            sha256=data.get("sha256"),
+            cache_key=data.get("cache_key"),
+            precision=data.get("precision"),
+            gpu_name=data.get("gpu_name"),
+            compute_capability=data.get("compute_capability"),
+            tensorrt_version=data.get("tensorrt_version"),
+            min_batch=_opt_int(data.get("min_batch")),
+            opt_batch=_opt_int(data.get("opt_batch")),
+            max_batch=_opt_int(data.get("max_batch")),
+            built=data.get("built"),
+            extra=_extra(data, cls.KNOWN),
+        )
 
 
 @dataclass(eq=True)

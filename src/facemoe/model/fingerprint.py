@@ -1,4 +1,4 @@
-"""The weights' fingerprint a bundle records as ``model.weights_sha256`` (docs/BUNDLE.md, "Manifest")."""
+"""The weights' fingerprint a bundle records as ``model.weights_sha256`` (docs/BUNDLE.md#manifest)."""
 
 from __future__ import annotations
 

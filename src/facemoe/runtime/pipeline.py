@@ -68,7 +68,7 @@ class FaceEncoder:
         self.std = float(std[0] if isinstance(std, (list, tuple)) else std)
         template = pre.get("alignment_template") or ARCFACE_TEMPLATE_112
         self.template = [tuple(float(v) for v in point) for point in template]
-        # The manifest says how the flip test fuses f(x) and f(flip x) (docs/BUNDLE.md, "Manifest").
+        # The manifest says how the flip test fuses f(x) and f(flip x) (docs/BUNDLE.md#preprocessing).
         self.flip_fusion = str(pre.get("flip_fusion", "pre_norm_vector_add"))
         if self.flip_fusion not in FLIP_FUSIONS:
             raise ValueError(f"unknown flip fusion {self.flip_fusion!r}; choose {' or '.join(FLIP_FUSIONS)}")
