@@ -20,15 +20,13 @@ from facemoe.bundle.manifest import (
     record_engine,
     write_manifest,
 )
+from facemoe.bundle.model_section import ExportInfo, ModelSection, ModelSource
 from facemoe.bundle.sections import (
     ARCFACE_TEMPLATE_112,
     FLIP_FUSIONS,
     Artifact,
     Calibration,
     EngineEntry,
-    ExportInfo,
-    ModelSection,
-    ModelSource,
     Preprocessing,
     Routing,
     default_preprocessing,

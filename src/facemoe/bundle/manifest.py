@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from facemoe.bundle.model_section import ModelSection
 from facemoe.bundle.sections import (
     Artifact,
     Calibration,
     EngineEntry,
-    ModelSection,
     Preprocessing,
     Routing,
 )
