@@ -14,6 +14,7 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
+from facemoe import userdirs
 from facemoe.bundle import MANIFEST_NAME, Bundle
 from facemoe.errors import FaceMoEError
 
@@ -22,10 +23,7 @@ DEMO_BUNDLE = "demo-bundle"
 
 def cache_dir() -> Path:
     """User cache directory for FaceMoE (``$FACEMOE_CACHE``, else the XDG cache, else ~/.cache)."""
-    if os.environ.get("FACEMOE_CACHE"):
-        return Path(os.environ["FACEMOE_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "facemoe"
+    return userdirs.cache_dir()
 
 
 def packaged_demo_bundle() -> Path:

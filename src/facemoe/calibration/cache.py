@@ -19,10 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from facemoe import __version__
+from facemoe import __version__, userdirs
 from facemoe.fileio import atomic_path, sha256_file, write_json_atomic
 
 CACHE_FORMAT = 1
+
+
+def default_directory() -> Path:
+    """Where ``facemoe-export`` caches calibration ranges unless told otherwise (honours ``$FACEMOE_CACHE``)."""
+    return userdirs.cache_dir("calibration")
 
 
 def model_hash(path: str | os.PathLike[str]) -> str:

@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 
 from facemoe.errors import InputError
+from facemoe.imagefile import decode_image, read_image, to_bgr8
 
 ALIGNED_SIZE = 112
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp")
@@ -80,47 +81,11 @@ def find_files(root: str | os.PathLike[str]) -> list[SourceFile]:
     return sorted(found, key=lambda f: f.label)
 
 
-def to_bgr8(image: np.ndarray, source: str | os.PathLike[str] = "image") -> np.ndarray:
-    """Any decoded image (grey, BGR, BGRA; 8 or 16 bit) -> HxWx3 uint8 BGR."""
-    if image.dtype == np.uint16:
-        image = np.rint(image.astype(np.float32) / 257.0).astype(np.uint8)
-    elif image.dtype != np.uint8:
-        raise InputError(f"{source}: unsupported pixel type {image.dtype}")
-    if image.ndim == 2:
-        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
-    if image.ndim == 3 and image.shape[2] == 1:
-        return cv2.cvtColor(image[:, :, 0], cv2.COLOR_GRAY2BGR)
-    if image.ndim == 3 and image.shape[2] == 3:
-        return image
-    if image.ndim == 3 and image.shape[2] == 4:
-        return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
-    raise InputError(f"{source}: unsupported image shape {image.shape}")
-
-
 def read_bytes(path: str | os.PathLike[str]) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as exc:
         raise InputError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
-
-
-def decode_image(data: bytes, source: str | os.PathLike[str]) -> np.ndarray:
-    """Encoded image bytes -> HxWx3 uint8 BGR."""
-    buffer = np.frombuffer(data, dtype=np.uint8)
-    image = None
-    if buffer.size:
-        try:
-            image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
-        except cv2.error:
-            image = None
-    if image is None or image.size == 0:
-        raise InputError(f"{source}: not a readable image (empty, truncated or unsupported format)")
-    return to_bgr8(image, source)
-
-
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an image file as HxWx3 uint8 BGR (``cv2.imread`` fails on non-ASCII paths on Windows)."""
-    return decode_image(read_bytes(path), path)
 
 
 def to_aligned(image: np.ndarray, size: int = ALIGNED_SIZE) -> np.ndarray:

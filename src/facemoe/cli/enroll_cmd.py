@@ -22,14 +22,14 @@ from facemoe.cli.common import OverwriteOption, console, user_errors
 from facemoe.cli.options import OneLineErrors, Precision, RuntimeBackend
 from facemoe.errors import FaceMoEError, InputError
 from facemoe.fileio import check_output
+from facemoe.imagefile import read_image
 from facemoe.preprocess import l2_normalize
 from facemoe.runtime.alignment import ALIGNED_SIZE
 from facemoe.runtime.backends import open_backend
-from facemoe.runtime.detection import RetinaFaceDetector, to_bgr
+from facemoe.runtime.detection import RetinaFaceDetector
 from facemoe.runtime.gallery import GALLERY_FORMAT, GALLERY_VERSION, Gallery, model_fingerprint
 from facemoe.runtime.pipeline import FaceEncoder
 
-EXIF_UPRIGHT = cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -39,21 +39,6 @@ app = typer.Typer(add_completion=False, help=__doc__)
 class EnrollReport:
     used: dict[str, list[str]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
-
-
-def read_image(path: Path) -> np.ndarray:
-    """Any image OpenCV decodes (grey, alpha, 16-bit) as HxWx3 uint8 BGR; ``InputError`` if unreadable."""
-    # imdecode from bytes, not imread: imread cannot open non-ASCII paths on Windows and returns None silently.
-    try:
-        data = np.fromfile(str(path), dtype=np.uint8)
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    # Any flags but IMREAD_UNCHANGED make OpenCV apply the EXIF orientation: a phone photo stored sideways
-    # with a "rotate 90" tag is enrolled upright, as every viewer shows it. ANYDEPTH keeps 16-bit images.
-    image = cv2.imdecode(data, EXIF_UPRIGHT) if data.size else None
-    if image is None:
-        raise InputError(f"{path}: not a readable image")
-    return to_bgr(image)
 
 
 def find_images(root: Path) -> tuple[dict[str, list[Path]], list[Path]]:

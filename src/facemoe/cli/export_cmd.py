@@ -128,7 +128,10 @@ def export(
     ] = CalibrationMethod.percentile,
     calib_seed: Annotated[int, typer.Option(min=0, help="Seed of sampling and degradations.")] = 0,
     calib_cache: Annotated[
-        Path | None, typer.Option(help="Calibration cache directory (default: ~/.cache/facemoe/calibration).")
+        Path | None,
+        typer.Option(
+            help="Calibration cache directory (default: $FACEMOE_CACHE/calibration, else ~/.cache/facemoe/calibration)."
+        ),
     ] = None,
     int8_float_blocks: Annotated[
         int, typer.Option(min=0, help="INT8: transformer blocks kept float, counted from the input (0: none).")
@@ -215,7 +218,9 @@ def export(
         raise FaceMoEError(f"--int8-float-blocks {int8_float_blocks}: the model has only {blocks} blocks")
     spec = None
     if calib:
-        cache_dir = calib_cache or Path.home() / ".cache" / "facemoe" / "calibration"
+        from facemoe.calibration.cache import default_directory
+
+        cache_dir = calib_cache or default_directory()
         spec = CalibrationSpec(
             paths=list(calib),
             count=calib_count,

@@ -66,7 +66,8 @@ def parity(
     loaded = Bundle(bundle)
     # The same loader as the torch backend: refuses weights other than the bundle's (weights_sha256).
     model = load_reference_model(loaded, checkpoint)
-    recorded = loaded.manifest.model.get("export", {}).get("parity_inputs", {})
+    export_info = loaded.manifest.model.export
+    recorded = (export_info.parity_inputs if export_info is not None else None) or {}
     inputs, said = recorded_parity_inputs(Path(bundle), recorded, count)
     console.print(f"inputs: {said}")
     reference = run_reference(model, inputs)
@@ -97,9 +98,9 @@ def info(bundle: Annotated[Path, typer.Argument(help="Bundle directory.")]) -> N
     loaded = Bundle(bundle)
     problems = loaded.verify()
     m = loaded.manifest
-    console.print(
-        f"model: {m.model.get('config')}  k={m.routing.get('k')}  random weights: {m.model.get('random_weights')}"
-    )
+    source = m.model.source
+    origin = f"random weights (seed {source.seed})" if m.model.random_weights else (source.path or "unrecorded")
+    console.print(f"model: {m.model.config}  k={m.routing.k}  weights: {origin}")
     table = Table("artifact", "file", "opset", "cos mean", "cos min", "routing min", "parity", "files")
     for precision in loaded.precisions:
         art = loaded.artifact(precision)
@@ -116,7 +117,10 @@ def info(bundle: Annotated[Path, typer.Argument(help="Bundle directory.")]) -> N
         )
     out.print(table)
     for engine in m.engines:
-        out.print(f"engine: {engine}")
+        out.print(
+            f"engine: {engine.file}  {engine.precision}  {engine.gpu_name} ({engine.compute_capability})  "
+            f"TensorRT {engine.tensorrt_version}  batch {engine.min_batch}/{engine.opt_batch}/{engine.max_batch}"
+        )
     if problems:
         raise BundleError(f"{bundle}: broken bundle: " + "; ".join(problems))
     console.print(f"[green]verified[/] {len(loaded.precisions)} artifacts, {len(m.engines)} engines (sha256)")

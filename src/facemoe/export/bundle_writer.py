@@ -24,7 +24,17 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 import facemoe
-from facemoe.bundle import MANIFEST_NAME, Artifact, Manifest, default_preprocessing
+from facemoe.bundle import (
+    Artifact,
+    Calibration,
+    ExportInfo,
+    Manifest,
+    ModelSection,
+    ModelSource,
+    Preprocessing,
+    Routing,
+    write_manifest,
+)
 from facemoe.errors import ExportError
 from facemoe.export import fp16 as fp16_pass
 from facemoe.export.inputs import (
@@ -39,7 +49,7 @@ from facemoe.export.inputs import (
 from facemoe.export.onnx_export import INPUT_NAME, OUTPUT_NAME, export_fp32, release_memory, save_onnx
 from facemoe.export.parity import DEFAULT_GATES, ParityResult, check_artifacts, noise_floor, run_reference
 from facemoe.fileio import atomic_directory, sha256_file, write_json_atomic
-from facemoe.model.inference import model_fingerprint
+from facemoe.model.fingerprint import model_fingerprint
 from facemoe.model.swin import FaceMoE, count_parameters
 
 
@@ -306,33 +316,33 @@ def export_bundle(
         step("manifest")
         cfg = model.config
         manifest = Manifest(
-            model={
-                "architecture": "facemoe-swin",
-                "config": cfg.to_dict(),
-                "num_experts": cfg.num_experts,
-                "k": cfg.k,
-                "parameters": count_parameters(model),
-                "weights_sha256": model_fingerprint(model),
-                "random_weights": random_weights,
-                "source": source or {},
-            },
-            preprocessing=default_preprocessing() | {"input_size": cfg.img_size},
-            routing={"mode": "static", "k": cfg.k, "num_experts": cfg.num_experts, "gating": gating},
+            model=ModelSection(
+                architecture="facemoe-swin",
+                config=cfg.to_dict(),
+                num_experts=cfg.num_experts,
+                k=cfg.k,
+                parameters=count_parameters(model),
+                weights_sha256=model_fingerprint(model),
+                random_weights=random_weights,
+                source=ModelSource.from_json(source),
+                export=ExportInfo(
+                    max_batch=max_batch,
+                    fp32=fp32_report,
+                    parity_inputs=inputs_summary,
+                    parity_noise_floor=noise.to_json(),
+                    timings_s={name: round(seconds, 1) for name, seconds in timings.items()},
+                ),
+            ),
+            preprocessing=Preprocessing(input_size=cfg.img_size),
+            routing=Routing(mode="static", k=cfg.k, num_experts=cfg.num_experts, gating=gating),
             embedding_size=cfg.embedding_size,
             input_name=INPUT_NAME,
             output_name=OUTPUT_NAME,
             artifacts=artifacts,
-            calibration=calibration_summary,
+            calibration=Calibration.from_json(calibration_summary) if calibration_summary is not None else None,
             tools=tool_versions(),
             created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         )
-        manifest.model["export"] = {
-            "max_batch": max_batch,
-            "fp32": fp32_report,
-            "parity_inputs": inputs_summary,
-            "parity_noise_floor": noise.to_json(),
-            "timings_s": {name: round(seconds, 1) for name, seconds in timings.items()},
-        }
         bar.advance(task)
 
         console.print(parity_table({**parity, NOISE_FLOOR_ROW: noise}))
@@ -351,7 +361,7 @@ def export_bundle(
         _write_parity_plot(staging / "parity.png", reference[0], embeddings, parity)
         write_json_atomic(staging / "parity.json", {name: r.to_json() for name, r in parity.items()})
         # The manifest is written last: a bundle without it is never taken for a complete one.
-        write_json_atomic(staging / MANIFEST_NAME, manifest.to_json())
+        write_manifest(staging, manifest)
     return ExportResult(out_dir, manifest, parity, timings)
 
 

@@ -17,7 +17,6 @@ memory-bound kernels.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +24,7 @@ import torch
 
 from facemoe.errors import BundleError, FaceMoEError
 from facemoe.fileio import sha256_file
+from facemoe.model.fingerprint import model_fingerprint
 
 if TYPE_CHECKING:
     from facemoe.bundle import Bundle
@@ -104,18 +104,6 @@ def compile_blocks(model: FaceMoE, *, recompile_limit: int = 64) -> int:
     for block in blocks:
         block.compile(dynamic=False)
     return len(blocks)
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over every state-dict tensor (name, dtype, shape, bytes): identifies the weights.
-
-    The bundle manifest records it as ``model.weights_sha256`` (docs/BUNDLE.md).
-    """
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _recorded_checkpoint(bundle: Bundle, recorded: str | Path) -> Path:

@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 from facemoe.errors import InputError
+from facemoe.imagefile import to_bgr8
 
 STEPS = (8, 16, 32)
 ANCHOR_SIZES = ((16, 32), (64, 128), (256, 512))
@@ -104,21 +105,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
 
 def to_bgr(frame: np.ndarray) -> np.ndarray:
     """Any decoded image (grey, BGRA, 16-bit, float in [0, 1]) -> HxWx3 uint8 BGR; raises ``InputError``."""
-    if not isinstance(frame, np.ndarray) or frame.size == 0:
-        raise InputError("empty image")
-    if frame.dtype == np.uint16:
-        frame = (frame >> 8).astype(np.uint8)
-    elif frame.dtype in (np.float32, np.float64):
-        frame = np.clip(frame * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    elif frame.dtype != np.uint8:
-        raise InputError(f"unsupported pixel type {frame.dtype}")
-    if frame.ndim == 2 or (frame.ndim == 3 and frame.shape[2] == 1):
-        return cv2.cvtColor(frame.reshape(frame.shape[:2]), cv2.COLOR_GRAY2BGR)
-    if frame.ndim == 3 and frame.shape[2] == 4:
-        return cv2.cvtColor(frame, cv2.COLOR_BGRA2BGR)
-    if frame.ndim == 3 and frame.shape[2] == 3:
-        return frame
-    raise InputError(f"unsupported image shape {frame.shape}")
+    return to_bgr8(frame, "image")
 
 
 def default_detector_bytes() -> bytes:

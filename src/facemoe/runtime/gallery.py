@@ -26,26 +26,8 @@ UNKNOWN = "unknown"
 
 
 def model_fingerprint(bundle: Bundle) -> str:
-    """Identifies the weights a bundle was exported from; galleries only match bundles with the same one.
-
-    All artifacts of a bundle (fp32 / fp16 / int8) share one embedding space, so the fingerprint is taken
-    from the model section when the exporter recorded the weights' hash, else from the fp32 artifact.
-    """
-    model = bundle.manifest.model
-    for key in ("weights_sha256", "checkpoint_sha256", "state_dict_sha256", "sha256"):
-        value = model.get(key)
-        if isinstance(value, str) and value:
-            return value
-    source = model.get("source")
-    if isinstance(source, dict):
-        for key in ("sha256", "weights_sha256"):
-            value = source.get(key)
-            if isinstance(value, str) and value:
-                return value
-    if "fp32" in bundle.manifest.artifacts:
-        return bundle.manifest.artifacts["fp32"].sha256
-    first = next(iter(bundle.manifest.artifacts.values()), None)
-    return first.sha256 if first is not None else ""
+    """Identifies the weights a bundle was exported from; galleries only match bundles with the same one."""
+    return bundle.weights_fingerprint
 
 
 @dataclass

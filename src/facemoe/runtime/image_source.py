@@ -1,6 +1,6 @@
 """Still images as a frame source: one image file, or every image in a folder (sorted, not recursive).
 
-Each image is decoded once, with its EXIF orientation applied (OpenCV's ``IMREAD_COLOR`` rotates JPEGs as a
+Each image is decoded once, with its EXIF orientation applied (facemoe.imagefile, which rotates JPEGs as a
 viewer shows them), and becomes a ``Frame`` marked ``still``: the pipeline then reports one result per face
 instead of tracking (a track needs several frames; see docs/EVENTS.md, ``image`` and ``face`` events).
 Files in a folder that are not images (by extension) are skipped and counted; an image that does not decode
@@ -15,9 +15,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import cv2
 import numpy as np
 
+from facemoe import imagefile
 from facemoe.errors import InputError
 
 # The formats OpenCV's image codecs read (builds without one fail to decode and are counted, not fatal).
@@ -54,13 +54,9 @@ def list_images(folder: Path) -> tuple[list[Path], list[Path]]:
 def read_image(path: Path) -> np.ndarray | None:
     """Decode ``path`` as 8-bit BGR with its EXIF orientation applied; None when it does not decode."""
     try:
-        data = np.fromfile(path, dtype=np.uint8)  # imdecode, unlike imread, takes any path (non-ASCII too)
-    except OSError:
+        return imagefile.read_image(path)
+    except InputError:
         return None
-    if data.size == 0:
-        return None
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
-    return image if image is not None and image.size else None
 
 
 class ImageFiles:

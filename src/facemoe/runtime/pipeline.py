@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from facemoe.bundle import ARCFACE_TEMPLATE_112
+from facemoe.bundle import ARCFACE_TEMPLATE_112, FLIP_FUSIONS
 from facemoe.errors import InputError, OutputError
-from facemoe.preprocess import flip_batch, preprocess_face
+from facemoe.preprocess import flip_batch, l2_normalize, preprocess_face
 from facemoe.runtime.aggregation import RecognitionBudget
 from facemoe.runtime.alignment import align_face
 from facemoe.runtime.annotate import VideoAnnotator, track_marks
@@ -56,7 +56,7 @@ class StageTimer:
 class FaceEncoder:
     """Landmarks -> aligned crop -> model input -> raw embedding, with the bundle's pre-processing."""
 
-    def __init__(self, backend: Backend, preprocessing: dict[str, Any] | None = None, flip: bool = False) -> None:
+    def __init__(self, backend: Backend, preprocessing: Mapping[str, Any] | None = None, flip: bool = False) -> None:
         pre = preprocessing or {}
         self.backend = backend
         self.flip = flip
@@ -68,6 +68,10 @@ class FaceEncoder:
         self.std = float(std[0] if isinstance(std, (list, tuple)) else std)
         template = pre.get("alignment_template") or ARCFACE_TEMPLATE_112
         self.template = [tuple(float(v) for v in point) for point in template]
+        # The manifest says how the flip test fuses f(x) and f(flip x) (docs/BUNDLE.md#preprocessing).
+        self.flip_fusion = str(pre.get("flip_fusion", "pre_norm_vector_add"))
+        if self.flip_fusion not in FLIP_FUSIONS:
+            raise ValueError(f"unknown flip fusion {self.flip_fusion!r}; choose {' or '.join(FLIP_FUSIONS)}")
 
     def align(self, frame_bgr: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
         return align_face(frame_bgr, landmarks, self.aligned_size, self.template)
@@ -76,14 +80,17 @@ class FaceEncoder:
         return preprocess_face(aligned_bgr, self.input_size, self.interpolation, self.mean, self.std)
 
     def embed(self, tensors: list[np.ndarray] | np.ndarray) -> np.ndarray:
-        """Raw embeddings; with flip the raw sum f(x) + f(flip x), as the evaluation fuses them."""
+        """Raw embeddings; with flip f(x) + f(flip x) fused as the manifest's ``flip_fusion`` says."""
         batch = np.ascontiguousarray(np.stack(tensors) if isinstance(tensors, list) else tensors, dtype=np.float32)
         if batch.shape[0] == 0:
             return np.zeros((0, self.backend.embedding_size), dtype=np.float32)
         if not self.flip:
             return self.backend.embed(batch)
         both = self.backend.embed(np.concatenate([batch, flip_batch(batch)]))
-        return both[: len(batch)] + both[len(batch) :]
+        plain, flipped = both[: len(batch)], both[len(batch) :]
+        if self.flip_fusion == "norm_add":  # sum of unit vectors; callers L2-normalise the result
+            return l2_normalize(plain) + l2_normalize(flipped)
+        return plain + flipped
 
 
 @dataclass
