@@ -121,9 +121,7 @@ def test_fp16_graph_keeps_sensitive_ops_in_fp32(tiny_bundle):
 def test_fp16_parity_gate_fails_export_and_writes_nothing(tmp_path, tiny_model):
     out = tmp_path / "bundle"
     with pytest.raises(ExportError, match="parity gate missed: fp16: cosine mean"):
-        export_bundle(
-            tiny_model, out, precisions=("fp32", "fp16"), gates={"fp16": {"cosine_mean": 1.01}}, progress=False
-        )
+        export_bundle(tiny_model, out, precisions=("fp32", "fp16"), gates={"fp16": {"cosine_mean": 1.01}})
     assert not out.exists()
     assert not list(tmp_path.glob(".bundle.partial-*"))
     report = json.loads((tmp_path / "bundle.parity-failed.json").read_text())
@@ -131,15 +129,15 @@ def test_fp16_parity_gate_fails_export_and_writes_nothing(tmp_path, tiny_model):
 
 
 def test_interrupted_export_leaves_no_bundle(tmp_path, tiny_model, monkeypatch):
-    import facemoe.export.bundle_writer as writer
+    import facemoe.export.fp16 as fp16_pass
 
     def boom(*_args, **_kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(writer.fp16_pass, "convert_to_fp16", boom)
+    monkeypatch.setattr(fp16_pass, "convert_to_fp16", boom)
     out = tmp_path / "bundle"
     with pytest.raises(KeyboardInterrupt):
-        export_bundle(tiny_model, out, precisions=("fp32", "fp16"), progress=False)
+        export_bundle(tiny_model, out, precisions=("fp32", "fp16"))
     assert not out.exists() and not list(tmp_path.iterdir())
     with pytest.raises(BundleError, match="does not exist"):
         Bundle(out)
@@ -150,7 +148,7 @@ def test_existing_bundle_is_not_overwritten(tmp_path, tiny_model):
     out.mkdir()
     (out / "keep.txt").write_text("user data")
     with pytest.raises(FileExistsError):
-        export_bundle(tiny_model, out, progress=False)
+        export_bundle(tiny_model, out)
     assert (out / "keep.txt").read_text() == "user data"
 
 
