@@ -191,3 +191,32 @@ def test_simplify_with_offloaded_weights_matches_plain_onnxslim(tmp_path, tiny_m
 
     outputs = [ort.InferenceSession(m.SerializeToString()).run(None, {"input": batch})[0] for m in (plain, slim)]
     np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+def test_a_routing_probe_too_large_for_memory_goes_to_the_work_dir(tmp_path, tiny_bundle, monkeypatch):
+    """Over the protobuf limit the probe is written to ``work_dir`` (the staging directory), then removed."""
+    from pathlib import Path
+
+    import facemoe.export.onnx_graph as onnx_graph
+    import facemoe.export.parity as parity
+    from facemoe.export.inputs import synthetic_faces
+
+    inputs = synthetic_faces(3)
+    path = tiny_bundle / "model.fp32.onnx"
+    in_memory, routes, _ = parity.run_artifact(path, inputs)
+    written: list[tuple[Path, list[str]]] = []
+
+    def save_and_record(model: onnx.ModelProto, target: Path) -> list[str]:
+        external = onnx_graph.save_onnx(model, target)
+        written.append((Path(target), external))
+        return external
+
+    monkeypatch.setattr(parity, "EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(onnx_graph, "EXTERNAL_DATA_THRESHOLD", 0)  # the probe gets an external data file too
+    monkeypatch.setattr(parity, "save_onnx", save_and_record)
+    from_file, file_routes, _ = parity.run_artifact(path, inputs, work_dir=tmp_path)
+    assert [(p.parent, ext) for p, ext in written] == [(tmp_path, [written[0][0].name + ".data"])]
+    assert list(tmp_path.iterdir()) == []
+    np.testing.assert_array_equal(in_memory, from_file)
+    assert len(routes) == len(file_routes) > 0
+    assert all(np.array_equal(a, b) for a, b in zip(routes, file_routes, strict=True))

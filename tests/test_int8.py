@@ -227,10 +227,12 @@ def test_calibration_cache_hit_and_miss(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     calls: list[str] = []
+    work_dirs: list[Path] = []
     real = quantize_module.collect_activation_ranges
 
     def spy(*args: Any, **kwargs: Any) -> dict[str, float]:
         calls.append(args[3] if len(args) > 3 else kwargs.get("method", "percentile"))
+        work_dirs.append(kwargs["work_dir"])
         return real(*args, **kwargs)
 
     monkeypatch.setattr(quantize_module, "collect_activation_ranges", spy)
@@ -238,6 +240,8 @@ def test_calibration_cache_hit_and_miss(
     batch = calibration[0][:16]
     first = quantize_int8(fp32_path, tmp_path / "a.onnx", batch, Int8Options(check_samples=0), cache=cache)
     assert first["calibration"]["cache"] == "miss" and len(calls) == 1 and cache.writes == 1
+    # The calibration probe (as large as the model) goes beside the output, not to the system temp dir.
+    assert work_dirs == [tmp_path] and not list(tmp_path.glob(".calibration-probe*"))
 
     second = quantize_int8(fp32_path, tmp_path / "b.onnx", batch, Int8Options(check_samples=0), cache=cache)
     assert second["calibration"]["cache"] == "hit" and second["calibration"]["batches_run"] == 0

@@ -134,7 +134,8 @@ def run_artifact(
     from facemoe.export.onnx_export import release_memory
 
     release_memory()
-    embeddings, routes = [], [[] for _ in names]
+    embeddings: list[np.ndarray] = []
+    routes: list[list[np.ndarray]] = [[] for _ in names]
     for start in range(0, len(inputs), batch_size):
         outputs = session.run(inputs[start : start + batch_size])
         embeddings.append(outputs[0])
@@ -151,7 +152,8 @@ def run_reference(model: FaceMoE, inputs: np.ndarray, batch_size: int = 16) -> t
     layers = [m for _, m in model.moe_layers()]
     for moe in layers:
         moe.record_routing = True
-    embeddings, routes = [], [[] for _ in layers]
+    embeddings: list[np.ndarray] = []
+    routes: list[list[np.ndarray]] = [[] for _ in layers]
     try:
         for start in range(0, len(inputs), batch_size):
             embeddings.append(model(torch.from_numpy(inputs[start : start + batch_size]).float()).numpy())
@@ -293,13 +295,13 @@ def check_artifacts(
         encoding = "auto"
         if precision == "int8":
             for graph_encoding in ("s8", "w7"):
-                *outputs, session = run_artifact(path, inputs, optimization="disabled", int8_encoding=graph_encoding)
-                graph = compare(precision, reference, outputs, layer_names, precision_gates)  # type: ignore[arg-type]
+                emb, routes, session = run_artifact(path, inputs, optimization="disabled", int8_encoding=graph_encoding)
+                graph = compare(precision, reference, (emb, routes), layer_names, precision_gates)
                 graph.measured_with = _measured_with(session, isa)
                 graph_level[graph_encoding] = graph
             encoding = choose_encoding(isa, fast_encoding_passed=graph_level["w7"].passed)
-        *outputs, session = run_artifact(path, inputs, int8_encoding=encoding)
-        result = compare(precision, reference, outputs, layer_names, precision_gates)  # type: ignore[arg-type]
+        emb, routes, session = run_artifact(path, inputs, int8_encoding=encoding)
+        result = compare(precision, reference, (emb, routes), layer_names, precision_gates)
         result.measured_with = _measured_with(session, isa)
         if graph_level:
             result.graph_level = graph_level
@@ -309,7 +311,7 @@ def check_artifacts(
             }
             result.failures += [f"TensorRT graph (s8): {failure}" for failure in graph_level["s8"].failures]
         results[precision] = result
-        embeddings[precision] = outputs[0]
+        embeddings[precision] = emb
     return results, embeddings
 
 
