@@ -52,6 +52,5 @@ def tiny_bundle(tmp_path_factory, tiny_model) -> Path:
         precisions=("fp32", "fp16"),
         random_weights=True,
         source={"random_weights": True, "preset": "tiny", "seed": 0},
-        progress=False,
     )
     return out

@@ -177,6 +177,7 @@ def test_export_manifest_and_console_tell_the_truth(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     from rich.console import Console
 
+    from facemoe.cli.export_progress import RichExportReporter
     from facemoe.export.bundle_writer import CalibrationSpec, export_bundle
     from facemoe.model import build_model
     from facemoe.model.random_weights import randomize
@@ -190,8 +191,7 @@ def test_export_manifest_and_console_tell_the_truth(tmp_path: Path) -> None:
         calib=spec,
         parity_count=8,
         enforce_gates=False,
-        progress=False,
-        console=Console(file=stream, width=160),
+        reporter=RichExportReporter(Console(file=stream, width=160), progress=False),
     )
     calibration = json.loads((tmp_path / "bundle" / "manifest.json").read_text())["calibration"]
     clip = calibration["sources"][0]["per_file"][0]

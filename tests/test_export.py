@@ -121,9 +121,7 @@ def test_fp16_graph_keeps_sensitive_ops_in_fp32(tiny_bundle):
 def test_fp16_parity_gate_fails_export_and_writes_nothing(tmp_path, tiny_model):
     out = tmp_path / "bundle"
     with pytest.raises(ExportError, match="parity gate missed: fp16: cosine mean"):
-        export_bundle(
-            tiny_model, out, precisions=("fp32", "fp16"), gates={"fp16": {"cosine_mean": 1.01}}, progress=False
-        )
+        export_bundle(tiny_model, out, precisions=("fp32", "fp16"), gates={"fp16": {"cosine_mean": 1.01}})
     assert not out.exists()
     assert not list(tmp_path.glob(".bundle.partial-*"))
     report = json.loads((tmp_path / "bundle.parity-failed.json").read_text())
@@ -131,15 +129,15 @@ def test_fp16_parity_gate_fails_export_and_writes_nothing(tmp_path, tiny_model):
 
 
 def test_interrupted_export_leaves_no_bundle(tmp_path, tiny_model, monkeypatch):
-    import facemoe.export.bundle_writer as writer
+    import facemoe.export.fp16 as fp16_pass
 
     def boom(*_args, **_kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(writer.fp16_pass, "convert_to_fp16", boom)
+    monkeypatch.setattr(fp16_pass, "convert_to_fp16", boom)
     out = tmp_path / "bundle"
     with pytest.raises(KeyboardInterrupt):
-        export_bundle(tiny_model, out, precisions=("fp32", "fp16"), progress=False)
+        export_bundle(tiny_model, out, precisions=("fp32", "fp16"))
     assert not out.exists() and not list(tmp_path.iterdir())
     with pytest.raises(BundleError, match="does not exist"):
         Bundle(out)
@@ -150,7 +148,7 @@ def test_existing_bundle_is_not_overwritten(tmp_path, tiny_model):
     out.mkdir()
     (out / "keep.txt").write_text("user data")
     with pytest.raises(FileExistsError):
-        export_bundle(tiny_model, out, progress=False)
+        export_bundle(tiny_model, out)
     assert (out / "keep.txt").read_text() == "user data"
 
 
@@ -193,3 +191,32 @@ def test_simplify_with_offloaded_weights_matches_plain_onnxslim(tmp_path, tiny_m
 
     outputs = [ort.InferenceSession(m.SerializeToString()).run(None, {"input": batch})[0] for m in (plain, slim)]
     np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+def test_a_routing_probe_too_large_for_memory_goes_to_the_work_dir(tmp_path, tiny_bundle, monkeypatch):
+    """Over the protobuf limit the probe is written to ``work_dir`` (the staging directory), then removed."""
+    from pathlib import Path
+
+    import facemoe.export.onnx_graph as onnx_graph
+    import facemoe.export.parity as parity
+    from facemoe.export.inputs import synthetic_faces
+
+    inputs = synthetic_faces(3)
+    path = tiny_bundle / "model.fp32.onnx"
+    in_memory, routes, _ = parity.run_artifact(path, inputs)
+    written: list[tuple[Path, list[str]]] = []
+
+    def save_and_record(model: onnx.ModelProto, target: Path) -> list[str]:
+        external = onnx_graph.save_onnx(model, target)
+        written.append((Path(target), external))
+        return external
+
+    monkeypatch.setattr(parity, "EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(onnx_graph, "EXTERNAL_DATA_THRESHOLD", 0)  # the probe gets an external data file too
+    monkeypatch.setattr(parity, "save_onnx", save_and_record)
+    from_file, file_routes, _ = parity.run_artifact(path, inputs, work_dir=tmp_path)
+    assert [(p.parent, ext) for p, ext in written] == [(tmp_path, [written[0][0].name + ".data"])]
+    assert list(tmp_path.iterdir()) == []
+    np.testing.assert_array_equal(in_memory, from_file)
+    assert len(routes) == len(file_routes) > 0
+    assert all(np.array_equal(a, b) for a, b in zip(routes, file_routes, strict=True))

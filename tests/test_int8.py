@@ -14,24 +14,26 @@ from calib_fixtures import held_out_faces, make_aligned_face_folder
 
 pytest.importorskip("torch")
 
-import facemoe.export.int8 as int8
+import facemoe.export.int8.quantize as quantize_module
 from facemoe.calibration import CalibrationCache, build_calibration_set
 from facemoe.errors import InputError
 from facemoe.export.int8 import (
-    _entropy_amax,
-    _percentile_amax,
-    _TensorRange,
+    Int8Options,
+    cosine,
     describe_qdq,
     ort_cpu_fusion,
     quantize_int8,
     router_gate_nodes,
-    routing_agreement,
     run_quantized,
 )
+from facemoe.export.int8.calibrate import _entropy_amax, _percentile_amax, _TensorRange
 from facemoe.export.onnx_export import export_fp32, run_onnx
+from facemoe.export.onnx_graph import routing_agreement
+from facemoe.export.parity import run_artifact
 from facemoe.model import build_model
 from facemoe.model.random_weights import randomize
 from facemoe.preprocess import preprocess_batch
+from facemoe.runtime.ort_session import CUSTOM_DOMAIN
 
 FLOAT_ONLY_OPS = ("LayerNormalization", "Softmax", "TopK", "ScatterElements", "Erf", "BatchNormalization")
 
@@ -155,15 +157,15 @@ def test_parity_with_fp32_on_held_out_faces(
     path, report = default_int8
     reference = run_onnx(fp32_path, held_out)
     got = run_quantized(path, held_out)
-    cosine = int8._cosine(reference, got)
-    agreement = routing_agreement(fp32_path, path, held_out)
+    similarity = cosine(reference, got)
+    agreement = routing_agreement(run_artifact(fp32_path, held_out)[1], run_artifact(path, held_out)[1])
     print(
-        f"\nint8 vs fp32 on {len(held_out)} held-out faces: cosine min {cosine.min():.4f} mean {cosine.mean():.4f}; "
-        f"routing agreement min {min(agreement.values()):.4f} mean {np.mean(list(agreement.values())):.4f}"
+        f"\nint8 vs fp32 on {len(held_out)} held-out faces: cosine min {similarity.min():.4f} "
+        f"mean {similarity.mean():.4f}; routing agreement min {min(agreement):.4f} mean {np.mean(agreement):.4f}"
     )
-    assert cosine.mean() >= 0.98 and cosine.min() >= 0.93
+    assert similarity.mean() >= 0.98 and similarity.min() >= 0.93
     assert len(agreement) == 6
-    assert np.mean(list(agreement.values())) >= 0.95 and min(agreement.values()) >= 0.9
+    assert np.mean(agreement) >= 0.95 and min(agreement) >= 0.9
     assert report["check_on_calibration_faces"]["cosine_mean"] >= 0.97
 
 
@@ -179,10 +181,10 @@ def test_other_calibration_methods(
     fp32_path: Path, calibration: tuple[np.ndarray, dict[str, Any]], held_out: np.ndarray, method: str
 ) -> None:
     out = fp32_path.with_name(f"tiny.{method}.onnx")
-    report = quantize_int8(fp32_path, out, calibration[0][:24], method=method, batch_size=8)
+    report = quantize_int8(fp32_path, out, calibration[0][:24], Int8Options(method=method, batch_size=8))
     assert report["calibration"]["method"] == method and report["calibration"]["batches_run"] == 3
-    cosine = int8._cosine(run_onnx(fp32_path, held_out[:16]), run_quantized(out, held_out[:16]))
-    assert cosine.mean() >= 0.97
+    similarity = cosine(run_onnx(fp32_path, held_out[:16]), run_quantized(out, held_out[:16]))
+    assert similarity.mean() >= 0.97
 
 
 def test_placement_options(fp32_path: Path, calibration: tuple[np.ndarray, dict[str, Any]]) -> None:
@@ -192,14 +194,16 @@ def test_placement_options(fp32_path: Path, calibration: tuple[np.ndarray, dict[
         fp32_path,
         out,
         batch,
-        method="max",
-        exclude_router=False,
-        quantize_attention_matmuls=True,
-        quantize_head=False,
-        quantize_first_layer=True,
-        float_blocks=0,
-        nodes_to_exclude=["/layers.2/blocks.1/attn/qkv/*"],
-        check_samples=0,
+        Int8Options(
+            method="max",
+            exclude_router=False,
+            quantize_attention_matmuls=True,
+            quantize_head=False,
+            quantize_first_layer=True,
+            float_blocks=0,
+            nodes_to_exclude=["/layers.2/blocks.1/attn/qkv/*"],
+            check_samples=0,
+        ),
     )
     reasons = report["excluded_nodes"]
     assert report["quantized_roles"] == {"activation-matmul": 12, "conv": 1, "weight-gemm": 43}
@@ -223,19 +227,23 @@ def test_calibration_cache_hit_and_miss(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     calls: list[str] = []
-    real = int8.collect_activation_ranges
+    work_dirs: list[Path] = []
+    real = quantize_module.collect_activation_ranges
 
     def spy(*args: Any, **kwargs: Any) -> dict[str, float]:
         calls.append(args[3] if len(args) > 3 else kwargs.get("method", "percentile"))
+        work_dirs.append(kwargs["work_dir"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(int8, "collect_activation_ranges", spy)
+    monkeypatch.setattr(quantize_module, "collect_activation_ranges", spy)
     cache = CalibrationCache(tmp_path / "cache")
     batch = calibration[0][:16]
-    first = quantize_int8(fp32_path, tmp_path / "a.onnx", batch, cache=cache, check_samples=0)
+    first = quantize_int8(fp32_path, tmp_path / "a.onnx", batch, Int8Options(check_samples=0), cache=cache)
     assert first["calibration"]["cache"] == "miss" and len(calls) == 1 and cache.writes == 1
+    # The calibration probe (as large as the model) goes beside the output, not to the system temp dir.
+    assert work_dirs == [tmp_path] and not list(tmp_path.glob(".calibration-probe*"))
 
-    second = quantize_int8(fp32_path, tmp_path / "b.onnx", batch, cache=cache, check_samples=0)
+    second = quantize_int8(fp32_path, tmp_path / "b.onnx", batch, Int8Options(check_samples=0), cache=cache)
     assert second["calibration"]["cache"] == "hit" and second["calibration"]["batches_run"] == 0
     assert len(calls) == 1, "calibration ran again despite a cache hit"
     assert second["sha256"] == first["sha256"]  # same ranges, byte-identical artifact
@@ -244,9 +252,13 @@ def test_calibration_cache_hit_and_miss(
     third = quantize_int8(fp32_path, tmp_path / "c.onnx", batch, cache=CalibrationCache(tmp_path / "cache"))
     assert third["calibration"]["cache"] == "hit" and len(calls) == 1
 
-    other_data = quantize_int8(fp32_path, tmp_path / "d.onnx", batch[:12], cache=cache, check_samples=0)
-    other_method = quantize_int8(fp32_path, tmp_path / "e.onnx", batch, method="max", cache=cache, check_samples=0)
-    other_pct = quantize_int8(fp32_path, tmp_path / "f.onnx", batch, percentile=99.9, cache=cache, check_samples=0)
+    other_data = quantize_int8(fp32_path, tmp_path / "d.onnx", batch[:12], Int8Options(check_samples=0), cache=cache)
+    other_method = quantize_int8(
+        fp32_path, tmp_path / "e.onnx", batch, Int8Options(method="max", check_samples=0), cache=cache
+    )
+    other_pct = quantize_int8(
+        fp32_path, tmp_path / "f.onnx", batch, Int8Options(percentile=99.9, check_samples=0), cache=cache
+    )
     assert [r["calibration"]["cache"] for r in (other_data, other_method, other_pct)] == ["miss"] * 3
     assert len(calls) == 4
 
@@ -254,7 +266,7 @@ def test_calibration_cache_hit_and_miss(
     changed.doc_string = "another model"
     changed_path = tmp_path / "changed.onnx"
     onnx.save(changed, str(changed_path))
-    other_model = quantize_int8(changed_path, tmp_path / "g.onnx", batch, cache=cache, check_samples=0)
+    other_model = quantize_int8(changed_path, tmp_path / "g.onnx", batch, Int8Options(check_samples=0), cache=cache)
     assert other_model["calibration"]["cache"] == "miss" and len(calls) == 5
 
 
@@ -268,7 +280,7 @@ def test_bad_inputs(fp32_path: Path, calibration: tuple[np.ndarray, dict[str, An
     with pytest.raises(InputError, match="calibration data"):
         quantize_int8(fp32_path, tmp_path / "out.onnx", batch[:0])
     with pytest.raises(ValueError, match="unknown calibration method"):
-        quantize_int8(fp32_path, tmp_path / "out.onnx", batch, method="minmax")
+        quantize_int8(fp32_path, tmp_path / "out.onnx", batch, Int8Options(method="minmax"))
     assert not (tmp_path / "out.onnx").exists()
 
 
@@ -347,6 +359,6 @@ def test_plugin_gating_graph_quantizes_around_the_moe_op(
     assert report["quantized_ops"] == {"MatMul": 12, "Gemm": 1}
     assert report["check_on_calibration_faces"]["cosine_mean"] >= 0.97
     model = onnx.load(str(out))
-    moe_inputs = {t for n in model.graph.node if n.domain == "facemoe" for t in n.input}
+    moe_inputs = {t for n in model.graph.node if n.domain == CUSTOM_DOMAIN for t in n.input}
     producers = _producers(model)
     assert not any(producers[t].op_type == "DequantizeLinear" for t in moe_inputs if t in producers)

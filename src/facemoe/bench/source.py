@@ -80,7 +80,6 @@ def prepare_source(
             precisions=precisions,
             random_weights=checkpoint is None,
             source=source_info,
-            progress=False,
         )
         yield BenchSource(
             description,

@@ -197,6 +197,7 @@ def export(
 
     torch = require_torch("facemoe-export")
 
+    from facemoe.cli.export_progress import RichExportReporter
     from facemoe.export.bundle_writer import CalibrationSpec, export_bundle
     from facemoe.fileio import sha256_file
     from facemoe.model import build_model, load_checkpoint
@@ -230,22 +231,22 @@ def export(
             float_blocks=int8_float_blocks,
             quantize_attention_matmuls=int8_attention,
         )
-    result = export_bundle(
-        model,
-        out,
-        precisions=precisions,
-        overwrite=overwrite,
-        random_weights=checkpoint is None,
-        source=source,
-        calib=spec,
-        opset=opset,
-        max_batch=max_batch,
-        gates=gates,
-        gating=gating.value,
-        enforce_gates=not no_gate,
-        progress=not quiet,
-        console=console,
-    )
+    with RichExportReporter(console, progress=not quiet) as reporter:
+        result = export_bundle(
+            model,
+            out,
+            precisions=precisions,
+            overwrite=overwrite,
+            random_weights=checkpoint is None,
+            source=source,
+            calib=spec,
+            opset=opset,
+            max_batch=max_batch,
+            gates=gates,
+            gating=gating.value,
+            enforce_gates=not no_gate,
+            reporter=reporter,
+        )
     console.print(f"[green]bundle written:[/] {result.path} ({', '.join(precisions)})")
     if engine:
         from facemoe.bundle import Bundle

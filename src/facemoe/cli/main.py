@@ -58,7 +58,7 @@ def parity(
 
     require_torch("facemoe parity")
     from facemoe.bundle import Bundle
-    from facemoe.export.bundle_writer import NOISE_FLOOR_CAPTION, NOISE_FLOOR_ROW, parity_table
+    from facemoe.cli.export_progress import NOISE_FLOOR_CAPTION, NOISE_FLOOR_ROW, parity_table
     from facemoe.export.inputs import recorded_parity_inputs
     from facemoe.export.parity import DEFAULT_GATES, check_artifacts, noise_floor, run_reference
     from facemoe.model.inference import load_reference_model

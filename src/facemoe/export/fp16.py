@@ -25,12 +25,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from facemoe.export.onnx_graph import PASS_THROUGH_OPS, find_routers
+
 # SparseMoE (the --gating plugin node) holds the router: its inputs and weights stay fp32 like TopK's.
 FP32_OPS = frozenset({"LayerNormalization", "Softmax", "TopK", "ScatterElements", "BatchNormalization", "SparseMoE"})
-# Ops that only move or reshape data: they run in whatever type their data input has.
-_MOVE_OPS = frozenset(
-    {"Reshape", "Transpose", "Slice", "Concat", "Gather", "Split", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
-)
 _NON_FLOAT_OUTPUT_OPS = frozenset({"Shape", "Size", "NonZero", "ArgMax", "ArgMin"})
 
 
@@ -79,21 +77,6 @@ def _float_tensors(model: onnx.ModelProto) -> set[str]:
     return floats
 
 
-def _router_nodes(graph: onnx.GraphProto, producers: dict[str, onnx.NodeProto]) -> set[str]:
-    """The gate MatMul/Gemm (and reshapes between it and TopK) of every router."""
-    keep: set[str] = set()
-    for node in graph.node:
-        if node.op_type != "TopK":
-            continue
-        current = producers.get(node.input[0])
-        while current is not None and current.op_type in _MOVE_OPS:
-            keep.add(current.name)
-            current = producers.get(current.input[0])
-        if current is not None and current.op_type in ("MatMul", "Gemm"):
-            keep.add(current.name)
-    return keep
-
-
 def _residual_adds(graph: onnx.GraphProto, consumers: dict[str, list[onnx.NodeProto]]) -> set[str]:
     """Adds whose result reaches a LayerNormalization through data movement only (the residual stream)."""
 
@@ -102,7 +85,7 @@ def _residual_adds(graph: onnx.GraphProto, consumers: dict[str, list[onnx.NodePr
             if consumer.op_type == "LayerNormalization":
                 return True
             if (
-                consumer.op_type in _MOVE_OPS
+                consumer.op_type in PASS_THROUGH_OPS
                 and depth < 6
                 and any(feeds_layernorm(o, depth + 1) for o in consumer.output)
             ):
@@ -137,13 +120,13 @@ def convert_to_fp16(
         if not node.name:
             node.name = f"{node.op_type}_{i}"
     floats = _float_tensors(model)
-    producers = {out: node for node in graph.node for out in node.output}
     consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     for node in graph.node:
         for name in node.input:
             consumers[name].append(node)
 
-    fp32_names = {n.name for n in graph.node if n.op_type in FP32_OPS} | _router_nodes(graph, producers)
+    routers = {name for router in find_routers(graph) for name in (router.gate, *router.between)}
+    fp32_names = {n.name for n in graph.node if n.op_type in FP32_OPS} | routers
     if keep_residual_fp32:
         fp32_names |= _residual_adds(graph, consumers)
 

@@ -20,6 +20,7 @@ import torch
 from facemoe.errors import ExportError
 from facemoe.export.gating_ort import custom_ops_available, name_op_weights
 from facemoe.export.graph_check import TRACE_BATCH, assert_graph_ok
+from facemoe.export.onnx_graph import save_onnx
 from facemoe.model.moe import GATING_MODES
 from facemoe.model.moe_plugin import DOMAIN as GATING_DOMAIN
 from facemoe.model.moe_plugin import OP_VERSION as GATING_OP_VERSION
@@ -29,8 +30,6 @@ from facemoe.runtime.ort_session import create_session
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "embedding"
-# Protobuf refuses messages over 2 GiB; keep a margin for the graph itself.
-EXTERNAL_DATA_THRESHOLD = 1_900 * 1024 * 1024
 
 
 @contextlib.contextmanager
@@ -144,28 +143,6 @@ def simplify(path: str | Path, out_path: str | Path) -> onnx.ModelProto:
     finally:
         data_path.unlink(missing_ok=True)
     return result
-
-
-def save_onnx(model: onnx.ModelProto, path: str | Path) -> list[str]:
-    """Save ``model``; weights go to ``<name>.data`` beside it when the file would pass the 2 GB limit.
-
-    Returns the external data file names (relative to the model's folder), empty when self-contained.
-    """
-    path = Path(path)
-    size = model.ByteSize()
-    if size < EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(model, str(path))
-        return []
-    data_name = path.name + ".data"
-    onnx.save_model(
-        model,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=data_name,
-        size_threshold=1024,
-    )
-    return [data_name]
 
 
 def onnx_session(path: str | Path, providers: list[str] | None = None, custom_ops: bool = False):  # type: ignore[no-untyped-def]

@@ -23,6 +23,13 @@ import numpy as np
 import onnx
 import torch
 
+from facemoe.export.onnx_graph import (
+    EXTERNAL_DATA_THRESHOLD,
+    remove_onnx,
+    routing_agreement,
+    routing_probe,
+    save_onnx,
+)
 from facemoe.model.swin import FaceMoE
 from facemoe.runtime.int8_cpu import CpuIsa, choose_encoding, detect_cpu
 from facemoe.runtime.ort_session import Optimization, OrtSession, create_session
@@ -90,21 +97,6 @@ class ParityResult:
         }
 
 
-def routing_probe(model: onnx.ModelProto, in_place: bool = False) -> tuple[onnx.ModelProto, list[str]]:
-    """``model`` (a copy unless ``in_place``) with the indices of every TopK as extra outputs, in graph order."""
-    if in_place:
-        probe = model
-    else:
-        probe = onnx.ModelProto()
-        probe.CopyFrom(model)
-    names = []
-    for node in probe.graph.node:
-        if node.op_type == "TopK":
-            names.append(node.output[1])
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(node.output[1], onnx.TensorProto.INT64, None))
-    return probe, names
-
-
 def run_artifact(
     onnx_path: str | Path,
     inputs: np.ndarray,
@@ -112,23 +104,38 @@ def run_artifact(
     *,
     optimization: Optimization = "all",
     int8_encoding: str = "auto",
+    work_dir: str | Path | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray], OrtSession]:
     """Embeddings and per-layer top-k indices (tokens, k) of an ONNX artifact, and the session's settings.
 
     ``optimization="disabled"`` gives the graph's own arithmetic (what TensorRT computes from a Q/DQ
-    graph); ``"all"`` gives the fused kernels this processor serves (facemoe.runtime.int8_cpu).
+    graph); ``"all"`` gives the fused kernels this processor serves (facemoe.runtime.int8_cpu). The
+    routing probe goes to ONNX Runtime in memory; one too large for a protobuf message is written to
+    ``work_dir`` (default: the artifact's folder, the staging directory during an export) and removed.
     """
     model = onnx.load(str(onnx_path), load_external_data=True)
     probe, names = routing_probe(model, in_place=True)
     del model
-    session = create_session(
-        probe, providers=["CPUExecutionProvider"], optimization=optimization, int8_encoding=int8_encoding
-    )
-    del probe
+    settings: dict[str, Any] = {
+        "providers": ["CPUExecutionProvider"],
+        "optimization": optimization,
+        "int8_encoding": int8_encoding,
+    }
+    if probe.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        session = create_session(probe, **settings)
+    else:
+        probe_path = Path(work_dir if work_dir is not None else Path(onnx_path).parent) / ".routing-probe.onnx"
+        try:
+            save_onnx(probe, probe_path)
+            del probe
+            session = create_session(probe_path, **settings)
+        finally:
+            remove_onnx(probe_path)
     from facemoe.export.onnx_export import release_memory
 
     release_memory()
-    embeddings, routes = [], [[] for _ in names]
+    embeddings: list[np.ndarray] = []
+    routes: list[list[np.ndarray]] = [[] for _ in names]
     for start in range(0, len(inputs), batch_size):
         outputs = session.run(inputs[start : start + batch_size])
         embeddings.append(outputs[0])
@@ -151,19 +158,6 @@ def run_reference(model: FaceMoE, inputs: np.ndarray, batch_size: int = 16) -> t
 
 def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def routing_agreement(reference: list[np.ndarray], artifact: list[np.ndarray]) -> list[float]:
-    """Per layer: share of tokens whose set of selected experts is the same.
-
-    Empty when the artifact exposes no routing (a ``--gating plugin`` graph decides inside its custom node).
-    """
-    if not artifact:
-        return []
-    return [
-        float((np.sort(a, axis=1) == np.sort(b, axis=1)).all(axis=1).mean())
-        for a, b in zip(reference, artifact, strict=True)
-    ]
 
 
 def tar_at_far(genuine: np.ndarray, impostor: np.ndarray, far: float = 1e-3) -> float:
@@ -289,13 +283,13 @@ def check_artifacts(
         encoding = "auto"
         if precision == "int8":
             for graph_encoding in ("s8", "w7"):
-                *outputs, session = run_artifact(path, inputs, optimization="disabled", int8_encoding=graph_encoding)
-                graph = compare(precision, reference, outputs, layer_names, precision_gates)  # type: ignore[arg-type]
+                emb, routes, session = run_artifact(path, inputs, optimization="disabled", int8_encoding=graph_encoding)
+                graph = compare(precision, reference, (emb, routes), layer_names, precision_gates)
                 graph.measured_with = _measured_with(session, isa)
                 graph_level[graph_encoding] = graph
             encoding = choose_encoding(isa, fast_encoding_passed=graph_level["w7"].passed)
-        *outputs, session = run_artifact(path, inputs, int8_encoding=encoding)
-        result = compare(precision, reference, outputs, layer_names, precision_gates)  # type: ignore[arg-type]
+        emb, routes, session = run_artifact(path, inputs, int8_encoding=encoding)
+        result = compare(precision, reference, (emb, routes), layer_names, precision_gates)
         result.measured_with = _measured_with(session, isa)
         if graph_level:
             result.graph_level = graph_level
@@ -305,7 +299,7 @@ def check_artifacts(
             }
             result.failures += [f"TensorRT graph (s8): {failure}" for failure in graph_level["s8"].failures]
         results[precision] = result
-        embeddings[precision] = outputs[0]
+        embeddings[precision] = emb
     return results, embeddings
 
 
