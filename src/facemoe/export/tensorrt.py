@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from facemoe.bundle import MANIFEST_NAME, Bundle
+from facemoe.bundle import Bundle, record_engine
 from facemoe.errors import BundleError, FaceMoEError
 from facemoe.export.tensorrt_plugins import (
     bundle_plugin_libraries,
@@ -33,7 +32,7 @@ from facemoe.export.tensorrt_plugins import (
     needs_plugins,
     python_plugin_mode,
 )
-from facemoe.fileio import atomic_path, sha256_file, write_json_atomic
+from facemoe.fileio import atomic_path, sha256_file
 from facemoe.runtime.engine_identity import (
     ENGINES_DIR,
     DeviceInfo,
@@ -283,39 +282,6 @@ def _out_of_memory_message(errors: list[str], options: BuildOptions, workspace: 
 def _is_oom(text: str) -> bool:
     text = text.lower()
     return any(marker in text for marker in _OOM_MARKERS)
-
-
-@contextlib.contextmanager
-def _manifest_lock(root: Path) -> Iterator[None]:
-    """Serialise manifest rewrites between concurrent builds into one bundle (POSIX; no-op elsewhere)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    (root / ENGINES_DIR).mkdir(exist_ok=True)
-    with open(root / ENGINES_DIR / ".manifest.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def record_engine(bundle_root: str | Path, entry: dict[str, object]) -> None:
-    """Add (or replace, same file) an engine in manifest.json's ``engines`` list, atomically.
-
-    The manifest is edited as JSON rather than through ``Manifest`` so fields this version does not know
-    survive the rewrite.
-    """
-    root = Path(bundle_root)
-    with _manifest_lock(root):
-        path = root / MANIFEST_NAME
-        data = json.loads(path.read_text())
-        engines = [e for e in data.get("engines", []) if e.get("file") != entry["file"]]
-        engines.append(entry)
-        data["engines"] = engines
-        write_json_atomic(path, data)
 
 
 def _existing(bundle: Bundle, identity: EngineIdentity) -> BuiltEngine | None:
