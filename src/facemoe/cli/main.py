@@ -52,6 +52,10 @@ def parity(
             min=2, help="Synthetic held-out faces (two views each), for bundles that do not store their inputs."
         ),
     ] = 32,
+    faces: Annotated[
+        Path | None,
+        typer.Option(help="Check on your own aligned face crops instead (e.g. those facemoe-run --audit-save kept)."),
+    ] = None,
 ) -> None:
     """Re-check every artifact of a bundle against the PyTorch fp32 reference; exit 1 on a missed gate."""
     from facemoe.extras import require_torch
@@ -80,7 +84,12 @@ def parity(
     else:
         raise FaceMoEError(f"{bundle}: the reference checkpoint is not available here; pass --checkpoint")
     recorded = loaded.manifest.model.get("export", {}).get("parity_inputs", {})
-    inputs, said = recorded_parity_inputs(Path(bundle), recorded, count)
+    if faces is not None:
+        from facemoe.runtime.audit_faces import load_face_inputs
+
+        inputs, said = load_face_inputs(faces, loaded.manifest.preprocessing)
+    else:
+        inputs, said = recorded_parity_inputs(Path(bundle), recorded, count)
     console.print(f"inputs: {said}")
     reference = run_reference(model, inputs)
     layer_names = [name for name, _ in model.moe_layers()]
