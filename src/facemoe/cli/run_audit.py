@@ -54,8 +54,12 @@ AuditQueue = Annotated[
 ]
 
 
-def check_audit_options(rate: float, min_cosine: float | None, save: Path | None) -> None:
+def check_audit_options(rate: float, min_cosine: float | None, save: Path | None, reference: str) -> None:
     """One-line errors before anything is loaded."""
+    import importlib.util
+
+    if rate > 0 and reference == "torch" and importlib.util.find_spec("torch") is None:
+        raise FaceMoEError("--audit-reference torch needs PyTorch (pip install 'facemoe-edge[export]'); use onnx")
     if not math.isfinite(rate):
         raise FaceMoEError(f"--audit-rate must be between 0 and 1, got {rate}")
     if min_cosine is not None and not math.isfinite(min_cosine):
@@ -79,7 +83,6 @@ def audit_threshold(bundle: Any, precision: str, given: float | None) -> tuple[f
 def start_audit(
     bundle: Any,
     engine: Any,
-    events: Any,
     *,
     rate: float,
     reference: str,
@@ -92,7 +95,7 @@ def start_audit(
     flip: bool,
     say: Any,
 ) -> tuple[Any, dict[str, Any]]:
-    """The auditor of this run (None when the rate is 0) and the header fields that describe it."""
+    """The auditor of this run (None when the rate is 0; its events are bound later) and its header fields."""
     if rate <= 0:
         return None, {"audit": None}
     from facemoe.runtime.audit import AuditConfig, Auditor
@@ -114,7 +117,7 @@ def start_audit(
     )
     auditor = Auditor(
         chosen.reference,
-        events,
+        None,
         config,
         artifact=precision,
         gallery=gallery,

@@ -203,7 +203,7 @@ def run(
     )
     if video is not None:
         check_video_spec(video)
-    check_audit_options(audit_rate, audit_min_cosine, audit_save)
+    check_audit_options(audit_rate, audit_min_cosine, audit_save, audit_reference.value)
     out = plan_outputs(
         video=video,
         out=out,
@@ -248,6 +248,21 @@ def run(
         if gallery is not None:
             known = Gallery.load(gallery)
             known.check_compatible(model_fingerprint(loaded), engine.embedding_size, str(gallery))
+        # Made before any output file: a reference that cannot be made leaves nothing half-written.
+        auditor, audit_header = start_audit(
+            loaded,
+            engine,
+            rate=audit_rate,
+            reference=audit_reference.value,
+            min_cosine=audit_min_cosine,
+            save=audit_save,
+            strict=audit_strict,
+            queue_size=audit_queue,
+            gallery=known,
+            match_threshold=threshold,
+            flip=flip,
+            say=lambda text: console.print(text, highlight=False),
+        )
 
         annotator = None
         if save_video is not None:
@@ -277,22 +292,7 @@ def run(
             tracker=tracker,
             config=config,
         )
-        auditor, audit_header = start_audit(
-            loaded,
-            engine,
-            events,
-            rate=audit_rate,
-            reference=audit_reference.value,
-            min_cosine=audit_min_cosine,
-            save=audit_save,
-            strict=audit_strict,
-            queue_size=audit_queue,
-            gallery=known,
-            match_threshold=threshold,
-            flip=flip,
-            say=lambda text: console.print(text, highlight=False),
-        )
-        pipeline.audit = auditor
+        pipeline.audit = auditor.bind(events) if auditor is not None else None
         backend_text = engine.describe()
         if loaded.manifest.model.get("random_weights") or demo:
             console.print(DEMO_WARNING, highlight=False)

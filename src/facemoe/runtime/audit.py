@@ -128,6 +128,11 @@ class Auditor:
         self._thread = threading.Thread(target=self._work, name="facemoe-audit", daemon=True)
         self._thread.start()
 
+    def bind(self, events: Any) -> Auditor:
+        """Write to ``events`` (made after the reference, so a reference that fails leaves no file)."""
+        self.events = events
+        return self
+
     # -- the stream's side ---------------------------------------------------------------------------
     def offer(self, samples: list[tuple[int, int, np.ndarray, np.ndarray | None]], raw: np.ndarray) -> None:
         """Faces just embedded (frame, track, model input, aligned crop) and their raw embeddings."""
