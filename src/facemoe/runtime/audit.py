@@ -297,7 +297,8 @@ class Auditor:
         self._queue.put(None)
         self._thread.join(timeout=max(0.1, deadline - time.monotonic()))
         self.poll()
-        return self.report(final=True)
+        # A run that sampled nothing (no faces, or none drawn at a low rate) adds no event.
+        return self.report(final=True) if self.totals.sampled else self.summary()
 
     # -- the worker ----------------------------------------------------------------------------------
     def _work(self) -> None:
