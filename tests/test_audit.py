@@ -19,6 +19,7 @@ import pytest
 from onnx import numpy_helper
 
 from facemoe.fileio import sha256_file
+
 from runtime_fixtures import SAMPLE_VIDEO, _gallery, invoke, read_events, sample_frames
 
 pytest.importorskip("torch")  # the fixture exports a bundle
@@ -131,9 +132,9 @@ def test_broken_int8_alarms_early_and_its_crops_close_the_loop(int8_bundle: Path
     assert "stopped:" in result.output and "accuracy alarm" in result.output
 
     # The saved crops are aligned faces: the export's calibration reader takes them as they are ...
-    from facemoe.calibration import gather_faces
+    from facemoe.calibration import FaceDetector, gather_faces
 
-    pool = gather_faces([crops])
+    pool = gather_faces([crops], detector=FaceDetector())  # as facemoe-export --calib reads them
     assert pool.distinct_faces >= 1 and all(entry.startswith("aligned:") for entry in pool.listed)
     # ... and `facemoe parity --faces` re-checks the bundles on them: the broken int8 fails, the healthy passes.
     from facemoe.cli.main import app

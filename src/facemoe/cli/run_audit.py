@@ -41,9 +41,7 @@ AuditReferenceOption = Annotated[
 ]
 AuditMinCosine = Annotated[
     float | None,
-    typer.Option(
-        min=-1.0, max=1.0, help="Alarm below this running mean cosine (default: the artifact's parity gate)."
-    ),
+    typer.Option(min=-1.0, max=1.0, help="Alarm below this running mean cosine (default: the artifact's parity gate)."),
 ]
 AuditSave = Annotated[Path | None, typer.Option(help="Save the aligned crops of the worst faces of each alarm here.")]
 AuditStrict = Annotated[

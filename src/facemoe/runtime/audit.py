@@ -53,7 +53,7 @@ class AuditConfig:
 @dataclass
 class Sample:
     frame: int
-    track: int
+    track: int | None
     tensor: np.ndarray
     aligned: np.ndarray | None
     embedding: np.ndarray
@@ -62,7 +62,7 @@ class Sample:
 @dataclass
 class Checked:
     frame: int
-    track: int
+    track: int | None
     cosine: float
     decision_same: bool | None
     routing: list[float] | None
@@ -134,7 +134,7 @@ class Auditor:
         return self
 
     # -- the stream's side ---------------------------------------------------------------------------
-    def offer(self, samples: list[tuple[int, int, np.ndarray, np.ndarray | None]], raw: np.ndarray) -> None:
+    def offer(self, samples: list[tuple[int, int | None, np.ndarray, np.ndarray | None]], raw: np.ndarray) -> None:
         """Faces just embedded (frame, track, model input, aligned crop) and their raw embeddings."""
         for (frame, track, tensor, aligned), embedding in zip(samples, raw, strict=True):
             self.totals.offered += 1

@@ -27,7 +27,7 @@ from facemoe.preprocess import flip_batch, preprocess_face
 from facemoe.runtime.aggregation import RecognitionBudget
 from facemoe.runtime.alignment import align_face
 from facemoe.runtime.annotate import VideoAnnotator, track_marks
-from facemoe.runtime.audit import AuditStop, Auditor
+from facemoe.runtime.audit import Auditor, AuditStop
 from facemoe.runtime.backends.base import Backend
 from facemoe.runtime.detection import Detection, RetinaFaceDetector, to_bgr
 from facemoe.runtime.events import SCHEMA_VERSION, EventWriter, face_fields
