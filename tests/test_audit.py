@@ -181,6 +181,22 @@ def test_torch_and_onnx_references_agree(int8_bundle: Path) -> None:
     assert open_reference(loaded, "auto").reference.name == "torch"
 
 
+def test_routing_is_compared_only_where_the_backend_runs_the_artifact_graph(int8_bundle: Path) -> None:
+    from facemoe.bundle import Bundle
+    from facemoe.runtime.audit_reference import ArtifactRouting
+    from facemoe.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from facemoe.runtime.backends.torch_backend import TorchBackend
+
+    loaded = Bundle(int8_bundle)
+    inputs = _video_inputs(int8_bundle, count=2)
+    ort = ArtifactRouting(loaded, OnnxRuntimeBackend.from_bundle(loaded, "int8"))
+    routes = ort.routes(inputs)
+    assert not ort.unavailable and routes is not None and len(routes) == 6
+    assert all(r.shape[1] == 2 and r.shape[0] % 2 == 0 for r in routes)  # k = 2, batch-major tokens
+    torch_side = ArtifactRouting(loaded, TorchBackend.from_bundle(loaded, "fp32", device="cpu", cuda_graphs=False))
+    assert torch_side.routes(inputs) is None and "does not run the artifact's graph" in torch_side.unavailable
+
+
 class SlowReference:
     """The real fp32 ONNX reference, slowed down to 0.2 s per batch: a reference behind the stream."""
 

@@ -137,8 +137,12 @@ class ArtifactRouting:
         self.session: Any = None
         self.unavailable = ""
         precision = str(getattr(engine, "precision", ""))
-        if getattr(engine, "name", "") != "onnxruntime":
-            self.unavailable = f"not exposed by the {getattr(engine, 'name', 'this')} backend (compiled engine)"
+        name = str(getattr(engine, "name", ""))
+        if name == "tensorrt":
+            self.unavailable = "not exposed: a TensorRT engine routes inside its compiled kernels"
+            return
+        if name != "onnxruntime":
+            self.unavailable = f"not compared: the {name or 'this'} backend does not run the artifact's graph"
             return
         if bundle.artifact(precision).gating == "plugin":
             self.unavailable = "decided inside the custom gating node (--gating plugin)"
