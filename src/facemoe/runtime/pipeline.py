@@ -271,8 +271,6 @@ class Pipeline:
             raw = self.encoder.embed([p.tensor for p in pending])
         self.stats.batches += 1
         self.stats.faces_embedded += len(pending)
-        if self.audit is not None:  # samples, enqueues and returns: the check runs in the background
-            self.audit.offer([(p.where["frame"], p.track.track_id, p.tensor, p.aligned) for p in pending], raw)
         for item, embedding in zip(pending, raw, strict=True):
             track = item.track
             track.pending -= 1
@@ -284,6 +282,8 @@ class Pipeline:
                     self.events.emit(decision.pop("event"), track_id=track.track_id, **decision, **item.where)
             if self._frames is not None and track.identity is not None:
                 track.labels.append((item.where["frame"], track.identity, track.similarity))
+        if self.audit is not None:  # samples, enqueues and returns: the check runs in the background
+            self.audit.offer([(p.where["frame"], p.track.track_id, p.tensor, p.aligned) for p in pending], raw)
 
     def _decide(self, track: Track) -> dict[str, Any] | None:
         """Match the track's aggregate against the gallery; the event to emit if its identity is new."""
