@@ -233,6 +233,7 @@ def test_a_slow_reference_drops_samples_and_says_how_many(int8_bundle: Path, tmp
             start = time.perf_counter()
             auditor.offer([(batch, 1, t, None) for t in inputs], raw)
             slowest = max(slowest, time.perf_counter() - start)
+        assert "dropped" in auditor.status()  # the live display's row
         final = auditor.finish()
     assert slowest < 0.1  # the stream never waits for the reference
     assert final["sampled"] == 40 and final["dropped"] > 20
