@@ -268,7 +268,7 @@ class Auditor:
         """One line for the live display."""
         t = self.totals
         if not t.checked:
-            return f"{self.reference.name} reference; {t.sampled} sampled, none checked yet"
+            return f"{self.reference.name} reference; {t.sampled} sampled, none checked yet; dropped {t.dropped}"
         mean = float(np.mean(t.cosines))
         agree = f", decisions {100 * np.mean(t.decisions):.0f}% same" if t.decisions else ""
         alarm = f", [bold red]{t.alarms} alarm(s)[/]" if t.alarms else ""
