@@ -52,6 +52,10 @@ def parity(
             min=2, help="Synthetic held-out faces (two views each), for bundles that do not store their inputs."
         ),
     ] = 32,
+    faces: Annotated[
+        Path | None,
+        typer.Option(help="Check on your own aligned face crops instead (e.g. those facemoe-run --audit-save kept)."),
+    ] = None,
 ) -> None:
     """Re-check every artifact of a bundle against the PyTorch fp32 reference; exit 1 on a missed gate."""
     from facemoe.extras import require_torch
@@ -66,9 +70,14 @@ def parity(
     loaded = Bundle(bundle)
     # The same loader as the torch backend: refuses weights other than the bundle's (weights_sha256).
     model = load_reference_model(loaded, checkpoint)
-    export_info = loaded.manifest.model.export
-    recorded = (export_info.parity_inputs if export_info is not None else None) or {}
-    inputs, said = recorded_parity_inputs(Path(bundle), recorded, count)
+    if faces is not None:
+        from facemoe.runtime.audit_faces import load_face_inputs
+
+        inputs, said = load_face_inputs(faces, loaded.manifest.preprocessing)
+    else:
+        export_info = loaded.manifest.model.export
+        recorded = (export_info.parity_inputs if export_info is not None else None) or {}
+        inputs, said = recorded_parity_inputs(Path(bundle), recorded, count)
     console.print(f"inputs: {said}")
     reference = run_reference(model, inputs)
     layer_names = [name for name, _ in model.moe_layers()]

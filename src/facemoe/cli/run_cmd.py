@@ -21,6 +21,19 @@ from rich.markup import escape
 
 from facemoe.cli.common import EXIT_INTERRUPTED, EXIT_USER_ERROR, OverwriteOption, console, user_errors
 from facemoe.cli.options import OneLineErrors, Precision, RuntimeBackend
+from facemoe.cli.run_audit import (
+    EXIT_ACCURACY_ALARM,
+    AuditMinCosine,
+    AuditQueue,
+    AuditRate,
+    AuditReference,
+    AuditReferenceOption,
+    AuditSave,
+    AuditStrict,
+    audit_lines,
+    check_audit_options,
+    start_audit,
+)
 from facemoe.cli.run_checks import check_finite, check_parity, check_video_spec, plan_outputs
 from facemoe.cli.run_display import live_table, summary, totals
 from facemoe.demo import ensure_demo_bundle
@@ -150,6 +163,12 @@ def run(
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live display.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Keep OpenCV / FFmpeg diagnostics.")] = False,
+    audit_rate: AuditRate = 0.02,
+    audit_reference: AuditReferenceOption = AuditReference.auto,
+    audit_min_cosine: AuditMinCosine = None,
+    audit_save: AuditSave = None,
+    audit_strict: AuditStrict = False,
+    audit_queue: AuditQueue = 64,
 ) -> None:
     """Detect, track and recognise faces in a video; write events (and optionally an annotated video).
 
@@ -160,6 +179,7 @@ def run(
     from facemoe.bundle import Bundle
     from facemoe.runtime.aggregation import RecognitionBudget
     from facemoe.runtime.annotate import VideoAnnotator
+    from facemoe.runtime.audit import AuditStop
     from facemoe.runtime.backends import open_backend
     from facemoe.runtime.detection import RetinaFaceDetector
     from facemoe.runtime.events import EventWriter
@@ -183,6 +203,7 @@ def run(
     )
     if video is not None:
         check_video_spec(video)
+    check_audit_options(audit_rate, audit_min_cosine, audit_save, audit_reference.value)
     out = plan_outputs(
         video=video,
         out=out,
@@ -227,6 +248,21 @@ def run(
         if gallery is not None:
             known = Gallery.load(gallery)
             known.check_compatible(model_fingerprint(loaded), engine.embedding_size, str(gallery))
+        # Made before any output file: a reference that cannot be made leaves nothing half-written.
+        auditor, audit_header = start_audit(
+            loaded,
+            engine,
+            rate=audit_rate,
+            reference=audit_reference.value,
+            min_cosine=audit_min_cosine,
+            save=audit_save,
+            strict=audit_strict,
+            queue_size=audit_queue,
+            gallery=known,
+            match_threshold=threshold,
+            flip=flip,
+            say=lambda text: console.print(text, highlight=False),
+        )
 
         annotator = None
         if save_video is not None:
@@ -256,6 +292,7 @@ def run(
             tracker=tracker,
             config=config,
         )
+        pipeline.audit = auditor.bind(events) if auditor is not None else None
         backend_text = engine.describe()
         if loaded.manifest.model.get("random_weights") or demo:
             console.print(DEMO_WARNING, highlight=False)
@@ -282,6 +319,7 @@ def run(
             "threshold": threshold,
             "random_weights": bool(loaded.manifest.model.get("random_weights")),
             "warnings": warnings,
+            **audit_header,
         }
         for warning in warnings:
             console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False)
@@ -297,7 +335,10 @@ def run(
             now = time.monotonic()
             if live is not None and now - last_draw >= 0.25:
                 last_draw = now
-                live.update(live_table(stats, backend_text, tracker.active))
+                table = live_table(stats, backend_text, tracker.active)
+                if auditor is not None:
+                    table.add_row("audit", auditor.status())
+                live.update(table)
 
         source_error: str | None = None
         with _sigterm_as_interrupt(), live if live is not None else contextlib.nullcontext():
@@ -307,6 +348,9 @@ def run(
                 )
             except FaceMoEError as exc:
                 source_error, stats = str(exc), pipeline.stats
+            except AuditStop as exc:
+                stats = pipeline.stats
+                console.print(f"[bold red]stopped:[/] {escape(str(exc))}", highlight=False)
         if pipeline.video_path is not None and annotator is not None:
             console.print(f"annotated video: {escape(str(pipeline.video_path))} ({annotator.frames} frames)")
         console.print(summary(stats))
@@ -331,8 +375,14 @@ def run(
                 "(truncated or damaged)",
                 highlight=False,
             )
+        for line in audit_lines(auditor.summary() if auditor is not None else None):
+            console.print(line, highlight=False)
+        if auditor is not None and auditor.saved:
+            console.print(f"audit: {len(auditor.saved)} crops saved in {escape(str(audit_save))}", highlight=False)
         if out != "-":
             console.print(f"events: {escape(out)}", highlight=False)
+        if auditor is not None and auditor.stopped:
+            raise typer.Exit(EXIT_ACCURACY_ALARM)
         if source_error is not None:
             console.print(f"[bold red]error:[/] {escape(source_error)}", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_USER_ERROR)

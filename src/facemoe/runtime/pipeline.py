@@ -27,6 +27,7 @@ from facemoe.preprocess import flip_batch, l2_normalize, preprocess_face
 from facemoe.runtime.aggregation import RecognitionBudget
 from facemoe.runtime.alignment import align_face
 from facemoe.runtime.annotate import VideoAnnotator, track_marks
+from facemoe.runtime.audit import Auditor, AuditStop
 from facemoe.runtime.backends.base import Backend
 from facemoe.runtime.detection import Detection, RetinaFaceDetector, to_bgr
 from facemoe.runtime.events import SCHEMA_VERSION, EventWriter, face_fields
@@ -137,6 +138,7 @@ class _Pending:
     tensor: np.ndarray
     where: dict[str, Any]
     queued_at: float
+    aligned: np.ndarray | None = None  # kept for the accuracy audit's saved crops
 
 
 class Pipeline:
@@ -166,6 +168,7 @@ class Pipeline:
         # is reported like a photo.
         self._first: tuple[np.ndarray, Frame, list[Detection]] | None = None
         self.video_path: Path | None = None  # the annotated video, once run() has finalised it
+        self.audit: Auditor | None = None  # re-checks a sample of embedded faces (runtime.audit)
 
     # -- per frame -----------------------------------------------------------------------------------
     def process(self, frame: Frame) -> None:
@@ -259,11 +262,12 @@ class Pipeline:
         if not budget.is_due(frame.index, track.last_embedded, track.aggregate.count + track.pending, track.streak):
             return
         with self.timer("align"):
-            tensor = self.encoder.prepare(self.encoder.align(image, det.landmarks))
+            aligned = self.encoder.align(image, det.landmarks)
+            tensor = self.encoder.prepare(aligned)
         track.pending += 1
         track.last_embedded = frame.index
         where = face_fields(frame.index, frame.timestamp, det.box, det.landmarks, det.score)
-        self._pending.append(_Pending(track, tensor, where, time.perf_counter()))
+        self._pending.append(_Pending(track, tensor, where, time.perf_counter(), aligned))
 
     # -- batches -------------------------------------------------------------------------------------
     def flush(self) -> None:
@@ -285,6 +289,8 @@ class Pipeline:
                     self.events.emit(decision.pop("event"), track_id=track.track_id, **decision, **item.where)
             if self._frames is not None and track.identity is not None:
                 track.labels.append((item.where["frame"], track.identity, track.similarity))
+        if self.audit is not None:  # samples, enqueues and returns: the check runs in the background
+            self.audit.offer([(p.where["frame"], p.track.track_id, p.tensor, p.aligned) for p in pending], raw)
 
     def _decide(self, track: Track) -> dict[str, Any] | None:
         """Match the track's aggregate against the gallery; the event to emit if its identity is new."""
@@ -347,6 +353,8 @@ class Pipeline:
         if self._first is not None and self.stats.frames == 1 and self.stats.tracks == 0:
             self._still(*self._first)
         self._first = None
+        if self.audit is not None:  # its final accuracy_check comes before run_ended
+            self.audit.finish()
         self._release()
         for track in self.tracker.finish():
             self._end_track(track, reason)
@@ -380,6 +388,8 @@ class Pipeline:
             self.stats.interrupted = True
         except InputError as exc:  # a live source that could not be reconnected
             reason, error = "source_error", str(exc)
+        except AuditStop as exc:  # --audit-strict: an accuracy alarm ends the run
+            reason, error, failure = exc.reason, str(exc), exc
         except OutputError as exc:  # events or video could not be written (a full disk)
             reason, error, failure = "output_error", str(exc), exc
         except Exception as exc:  # whatever else stops the run, the events still end with run_ended
