@@ -71,7 +71,7 @@ def parity(
     # The same loader as the torch backend: refuses weights other than the bundle's (weights_sha256).
     model = load_reference_model(loaded, checkpoint)
     if faces is not None:
-        from facemoe.runtime.audit_faces import load_face_inputs
+        from facemoe.export.user_faces import load_face_inputs
 
         inputs, said = load_face_inputs(faces, loaded.manifest.preprocessing)
     else:

@@ -11,9 +11,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
 from onnx import helper
+
+from facemoe.runtime.onnx_probe import routing_agreement, routing_probe
 
 # A graph this large is saved with external data: protobuf refuses messages over 2 GB.
 EXTERNAL_DATA_THRESHOLD = 1_900 * 1024 * 1024
@@ -83,30 +84,6 @@ def with_extra_outputs(model: onnx.ModelProto, tensors: Iterable[str], in_place:
             probe.graph.output.append(helper.make_empty_tensor_value_info(name))
             existing.add(name)
     return probe
-
-
-def routing_probe(model: onnx.ModelProto, in_place: bool = False) -> tuple[onnx.ModelProto, list[str]]:
-    """``model`` (a copy unless ``in_place``) with the indices of every TopK as extra outputs, in graph order."""
-    names = [node.output[1] for node in model.graph.node if node.op_type == "TopK"]
-    probe = model if in_place else onnx.ModelProto()
-    if not in_place:
-        probe.CopyFrom(model)
-    for name in names:
-        probe.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None))
-    return probe, names
-
-
-def routing_agreement(reference: list[np.ndarray], artifact: list[np.ndarray]) -> list[float]:
-    """Per MoE layer: share of tokens whose set of selected experts (rows of ``(tokens, k)``) is the same.
-
-    Empty when the artifact exposes no routing (a ``--gating plugin`` graph decides inside its custom node).
-    """
-    if not artifact:
-        return []
-    return [
-        float((np.sort(a, axis=1) == np.sort(b, axis=1)).all(axis=1).mean())
-        for a, b in zip(reference, artifact, strict=True)
-    ]
 
 
 def save_onnx(model: onnx.ModelProto, path: str | Path) -> list[str]:

@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-import torch
 
 from facemoe.export.onnx_graph import (
     EXTERNAL_DATA_THRESHOLD,
@@ -30,6 +29,7 @@ from facemoe.export.onnx_graph import (
     routing_probe,
     save_onnx,
 )
+from facemoe.model.inference import run_reference
 from facemoe.model.swin import FaceMoE
 from facemoe.runtime.int8_cpu import CpuIsa, choose_encoding, detect_cpu
 from facemoe.runtime.ort_session import Optimization, OrtSession, create_session
@@ -142,18 +142,6 @@ def run_artifact(
         for i, idx in enumerate(outputs[1:]):
             routes[i].append(idx.reshape(-1, idx.shape[-1]))
     return np.concatenate(embeddings), [np.concatenate(r) for r in routes], session
-
-
-@torch.no_grad()
-def run_reference(model: FaceMoE, inputs: np.ndarray, batch_size: int = 16) -> tuple[np.ndarray, list[np.ndarray]]:
-    """PyTorch fp32 reference in ``sparse`` routing: embeddings and per-layer top-k indices."""
-    embeddings: list[np.ndarray] = []
-    with model.using_routing("sparse"), model.recording_routing() as record:
-        model.eval()
-        for start in range(0, len(inputs), batch_size):
-            embeddings.append(model(torch.from_numpy(inputs[start : start + batch_size]).float()).numpy())
-    routes = [[idx.numpy() for idx in calls] for calls in record.values()]
-    return np.concatenate(embeddings), [np.concatenate(r) for r in routes]
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:

@@ -20,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from facemoe.errors import BundleError, FaceMoEError
@@ -161,6 +162,18 @@ def load_reference_model(bundle: Bundle, checkpoint: str | Path | None = None) -
     return model.eval()
 
 
+@torch.no_grad()
+def run_reference(model: FaceMoE, inputs: np.ndarray, batch_size: int = 16) -> tuple[np.ndarray, list[np.ndarray]]:
+    """PyTorch fp32 reference in ``sparse`` routing: embeddings and per-layer top-k indices."""
+    embeddings: list[np.ndarray] = []
+    with model.using_routing("sparse"), model.recording_routing() as record:
+        model.eval()
+        for start in range(0, len(inputs), batch_size):
+            embeddings.append(model(torch.from_numpy(inputs[start : start + batch_size]).float()).numpy())
+    routes = [[idx.numpy() for idx in calls] for calls in record.values()]
+    return np.concatenate(embeddings), [np.concatenate(r) for r in routes]
+
+
 __all__ = [
     "ReferenceUnavailable",
     "apply_fp16",
@@ -168,4 +181,5 @@ __all__ = [
     "compile_blocks",
     "load_reference_model",
     "model_fingerprint",
+    "run_reference",
 ]

@@ -35,22 +35,10 @@ def _probe_session(model_path: Any, *, providers: list[str] | None, threads: int
     from facemoe.runtime.ort_session import create_session
 
     model = onnx.load(str(model_path), load_external_data=True)
-    probe = _with_routing_outputs(model)
+    from facemoe.runtime.onnx_probe import routing_probe
+
+    probe, _ = routing_probe(model, in_place=True)
     return create_session(probe, providers=providers, threads=threads, int8_encoding=int8_encoding)
-
-
-def _with_routing_outputs(model: Any) -> Any:
-    """``model`` (in place) with each TopK's indices as an extra output, in graph order.
-
-    The same graph edit as the export's parity probe (``facemoe.export.parity.routing_probe``), done here
-    because that module imports torch.
-    """
-    import onnx
-
-    for node in model.graph.node:
-        if node.op_type == "TopK":
-            model.graph.output.append(onnx.helper.make_tensor_value_info(node.output[1], onnx.TensorProto.INT64, None))
-    return model
 
 
 def _run_probe(session: Any, batch: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -81,9 +69,9 @@ class TorchReference:
 
     def __init__(self, bundle: Bundle, checkpoint: str | None = None) -> None:
         already = "torch" in sys.modules  # the deployed backend is torch: leave its thread settings alone
-        from facemoe.runtime.backends.torch_backend import load_model_from_bundle
+        from facemoe.model.inference import load_reference_model
 
-        self.model = load_model_from_bundle(bundle, checkpoint)  # checks weights_sha256
+        self.model = load_reference_model(bundle, checkpoint)  # checks weights_sha256
         import torch
 
         if not already:
@@ -93,7 +81,7 @@ class TorchReference:
         self.detail = f"PyTorch {torch.__version__} fp32, sparse routing, CPU ({origin}, weights_sha256 verified)"
 
     def embed(self, batch: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        from facemoe.export.parity import run_reference
+        from facemoe.model.inference import run_reference
 
         return run_reference(self.model, np.ascontiguousarray(batch, dtype=np.float32))
 

@@ -2,7 +2,7 @@
 
 The crops ``facemoe-run --audit-save`` writes (112 x 112 BGR on the ArcFace template), or any folder of
 aligned crops, become model inputs with the bundle's pre-processing, in the two-view layout the parity
-report pairs (docs/EXPORT.md, "Parity"): the faces, then flipped and slightly noisy copies of them.
+report pairs (docs/EXPORT.md#parity-report): the faces, then flipped and slightly noisy copies of them.
 """
 
 from __future__ import annotations
