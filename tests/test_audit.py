@@ -44,7 +44,6 @@ def int8_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
         random_weights=True,
         source={"random_weights": True, "preset": "tiny", "seed": 0},
         parity_count=8,
-        progress=False,
     )
     return out
 
