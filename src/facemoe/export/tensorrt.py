@@ -1,7 +1,7 @@
 """TensorRT engine builder: a bundle's ONNX -> ``<bundle>/engines/<name>.engine`` + sidecar + manifest entry.
 
-Precision is decided in the ONNX graph (DESIGN §4): the fp16 artifact is a mixed-precision graph, the int8
-artifact carries explicit Q/DQ nodes, and the network is built *strongly typed*, so TensorRT keeps the
+Precision is decided in the ONNX graph (docs/PRECISION.md): the fp16 artifact is a mixed-precision graph, the
+int8 artifact carries explicit Q/DQ nodes, and the network is built *strongly typed*, so TensorRT keeps the
 fp32 islands (LayerNorm, Softmax, router) the export chose instead of re-deciding them. TensorRT 11 only
 has strongly typed networks (the FP16/INT8 builder flags and calibrators are gone); 10.x has them behind
 ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``. On 10.x only, and only when asked, an fp16 engine can
@@ -26,25 +26,12 @@ from typing import TYPE_CHECKING
 
 from facemoe.bundle import Bundle, record_engine
 from facemoe.errors import BundleError, FaceMoEError
-from facemoe.export.tensorrt_plugins import (
-    bundle_plugin_libraries,
-    load_plugin_libraries,
-    needs_plugins,
-    python_plugin_mode,
-)
+from facemoe.export.tensorrt_plugins import needs_plugins
 from facemoe.fileio import atomic_path, sha256_file
-from facemoe.runtime.engine_identity import (
-    ENGINES_DIR,
-    DeviceInfo,
-    EngineIdentity,
-    detect_device,
-    import_tensorrt,
-    is_jetson,
-    load_cudart,
-    manifest_entry,
-    read_sidecar,
-    write_sidecar,
-)
+from facemoe.gating.trt_plugin import python_plugin_mode
+from facemoe.runtime.backends.plugin_libraries import bundle_plugin_libraries, load_plugin_libraries
+from facemoe.runtime.device import DeviceInfo, detect_device, import_tensorrt, is_jetson, load_cudart
+from facemoe.runtime.engine_identity import ENGINES_DIR, EngineIdentity, manifest_entry, read_sidecar, write_sidecar
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -133,7 +120,7 @@ class BuildOptions:
     optimization_level: int = 3
     plugin_libraries: Sequence[Path] = ()
     # Graphs with facemoe::SparseMoE nodes and no plugin library: which implementation of the Python plugin
-    # (facemoe.export.trt_plugin) the engine embeds. "auto": AOT where TensorRT and triton allow it.
+    # (facemoe.gating.trt_plugin) the engine embeds. "auto": AOT where TensorRT and triton allow it.
     plugin_mode: str = "auto"
     weakly_typed_fp16: bool = False
     timing_cache: bool = True
