@@ -341,6 +341,7 @@ def test_device_info_defaults() -> None:
 
 TYPED_MODULES = (
     "src/facemoe/export/tensorrt.py",
+    "src/facemoe/export/tensorrt_options.py",
     "src/facemoe/export/tensorrt_plugins.py",
     "src/facemoe/export/trt_plugin.py",
     "src/facemoe/gating/trt_plugin.py",

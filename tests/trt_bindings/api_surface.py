@@ -144,6 +144,7 @@ CUDART: tuple[Use, ...] = (
 # The source files whose trt./trtp. names the table must cover.
 SOURCES = (
     "src/facemoe/export/tensorrt.py",
+    "src/facemoe/export/tensorrt_options.py",
     "src/facemoe/gating/trt_plugin.py",
     "src/facemoe/runtime/backends/cuda_runtime.py",
     "src/facemoe/runtime/backends/plugin_libraries.py",
