@@ -174,7 +174,7 @@ AOT_CHILD = """
 import builtins, sys
 real_import = builtins.__import__
 def guarded(name, *args, **kwargs):
-    if name == "torch" or name.startswith("torch.") or name == "facemoe.export.trt_plugin":
+    if name.split(".")[0] == "torch" or name in ("facemoe.export.trt_plugin", "facemoe.gating.trt_plugin"):
         raise ImportError(f"{name} is blocked: an AOT engine must run without it")
     return real_import(name, *args, **kwargs)
 builtins.__import__ = guarded
@@ -187,7 +187,7 @@ print("AOT-OK", out.shape, "torch" in sys.modules)
 
 
 def plugin_engines(work: Path, max_batch: int) -> dict[str, Any]:
-    from facemoe.export import trt_plugin
+    from facemoe.gating import trt_plugin
 
     record: dict[str, Any] = {"ok": True, "available": trt_plugin.available(), "aot": trt_plugin.available(aot=True)}
     modes = ["jit", "aot"] if record["aot"] else ["jit"]

@@ -97,7 +97,7 @@ def test_auto_on_a_gpu_box_says_why_it_falls_back(stack: Any) -> None:
 
 def test_auto_without_tensorrt(stack: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delitem(sys.modules, "tensorrt")
-    monkeypatch.setattr("facemoe.runtime.engine_identity.import_tensorrt", lambda: None)
+    monkeypatch.setattr("facemoe.runtime.device.import_tensorrt", lambda: None)
     _, line = _open(stack.root)
     assert "tensorrt: TensorRT is not installed" in line  # a GPU box: say it
     stack.cuda.driver_ok = False  # no GPU: TensorRT is not worth a word

@@ -12,6 +12,7 @@ import pytest
 from facemoe.bundle import MANIFEST_NAME, Artifact, Bundle, Manifest, default_preprocessing
 from facemoe.errors import BundleError, EngineMismatchError
 from facemoe.fileio import sha256_file, write_json_atomic
+from facemoe.runtime import device as probe
 from facemoe.runtime import engine_identity as ei
 from facemoe.runtime.backends.base import BackendUnavailable
 from facemoe.runtime.engine_identity import DeviceInfo, EngineIdentity, EngineUnavailable, compare
@@ -224,16 +225,16 @@ def test_select_engine_refuses_engine_of_an_older_export(tmp_path: Path) -> None
 
 @pytest.fixture
 def no_probes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(ei, "load_cudart", lambda: None)
-    monkeypatch.setattr(ei, "_run_nvidia_smi", lambda args: None)
-    monkeypatch.setattr(ei, "TEGRA_RELEASE", tmp_path / "nv_tegra_release")
-    monkeypatch.setattr(ei, "DEVICE_TREE", tmp_path / "device-tree")
-    monkeypatch.setattr(ei, "tensorrt_version", lambda: None)
+    monkeypatch.setattr(probe, "load_cudart", lambda: None)
+    monkeypatch.setattr(probe, "_run_nvidia_smi", lambda args: None)
+    monkeypatch.setattr(probe, "TEGRA_RELEASE", tmp_path / "nv_tegra_release")
+    monkeypatch.setattr(probe, "DEVICE_TREE", tmp_path / "device-tree")
+    monkeypatch.setattr(probe, "tensorrt_version", lambda: None)
 
 
 @pytest.mark.usefixtures("no_probes")
 def test_detect_device_without_gpu() -> None:
-    device = ei.detect_device()
+    device = probe.detect_device()
     assert not device.has_gpu and device.source == "none"
     assert device.describe() == "no GPU with no TensorRT"
 
@@ -246,8 +247,8 @@ def test_detect_device_from_nvidia_smi(monkeypatch: pytest.MonkeyPatch) -> None:
         seen.append(args)
         return "NVIDIA H200, 9.0, 143771\n"
 
-    monkeypatch.setattr(ei, "_run_nvidia_smi", smi)
-    device = ei.detect_device(0)
+    monkeypatch.setattr(probe, "_run_nvidia_smi", smi)
+    device = probe.detect_device(0)
     assert (device.gpu_name, device.compute_capability, device.source) == ("NVIDIA H200", "sm_90", "nvidia-smi")
     assert device.total_memory_bytes == 143771 * 2**20
     assert "--query-gpu=name,compute_cap,memory.total" in seen[0]
@@ -257,12 +258,12 @@ def test_detect_device_from_nvidia_smi(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_detect_device_from_cuda_python(monkeypatch: pytest.MonkeyPatch) -> None:
     prop = types.SimpleNamespace(name=b"NVIDIA L4", major=8, minor=9, totalGlobalMem=24 * 2**30)
     fake = types.SimpleNamespace(cudaGetDeviceCount=lambda: (0, 1), cudaGetDeviceProperties=lambda i: (0, prop))
-    monkeypatch.setattr(ei, "load_cudart", lambda: fake)
-    device = ei.detect_device()
+    monkeypatch.setattr(probe, "load_cudart", lambda: fake)
+    device = probe.detect_device()
     assert (device.gpu_name, device.compute_capability, device.source) == ("NVIDIA L4", "sm_89", "cuda-python")
     # cuda-python present but no driver (this machine): falls through to the next probe.
     fake.cudaGetDeviceCount = lambda: (35, None)
-    assert not ei.detect_device().has_gpu
+    assert not probe.detect_device().has_gpu
 
 
 @pytest.mark.usefixtures("no_probes")
@@ -272,15 +273,15 @@ def test_detect_jetson_from_device_tree(tmp_path: Path) -> None:
     tree.mkdir()
     (tree / "compatible").write_bytes(b"nvidia,p3737-0000+p3701-0005\0nvidia,p3701-0005\0nvidia,tegra234\0")
     (tree / "model").write_bytes(b"NVIDIA Jetson AGX Orin Developer Kit\0")
-    device = ei.detect_device()
+    device = probe.detect_device()
     assert device.is_jetson
     assert (device.compute_capability, device.gpu_name) == ("sm_87", "NVIDIA Jetson AGX Orin Developer Kit")
 
 
 def test_stub_only_tensorrt_is_not_tensorrt() -> None:
     """tensorrt-stubs installs an importable but empty ``tensorrt`` namespace package."""
-    trt = ei.import_tensorrt()
+    trt = probe.import_tensorrt()
     if trt is not None:
         assert hasattr(trt, "Builder")
     else:
-        assert ei.tensorrt_version() is None
+        assert probe.tensorrt_version() is None

@@ -26,14 +26,9 @@ RUNTIME = Path(facemoe.runtime.__file__).parent
 # accepted failure is the ModuleNotFoundError for torch itself (anything else fails the test).
 NEEDS_TORCH = {"facemoe.runtime.backends.torch_backend"}
 
-# Imports of facemoe.export from runtime/ that exist today (all inside functions, so they do not break the
-# torch-free import above, but they tie the runtime to the exporter). None may be added; remove an entry
-# when its import goes.
-KNOWN_EXPORT_IMPORTS = {
-    ("ort_session.py", "facemoe.export.gating_ort"),
-    ("backends/tensorrt_backend.py", "facemoe.export.tensorrt"),
-    ("backends/torch_backend.py", "facemoe.export.bundle_writer"),
-}
+# Imports of facemoe.export from runtime/: none (docs/ARCHITECTURE.md#package-layering). Building an engine,
+# the one step that needs both, is facemoe.deploy's.
+KNOWN_EXPORT_IMPORTS: set[tuple[str, str]] = set()
 
 SCRIPT = f"""
 import importlib, json, pkgutil, sys

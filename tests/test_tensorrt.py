@@ -25,12 +25,13 @@ from fakes import trt_stack
 from facemoe.bundle import MANIFEST_NAME, Bundle
 from facemoe.errors import EngineMismatchError, FaceMoEError
 from facemoe.export import tensorrt as trt_build
+from facemoe.runtime import device as probe
 from facemoe.runtime import engine_identity as ei
 from facemoe.runtime.backends.base import BackendUnavailable
 from facemoe.runtime.engine_identity import DeviceInfo, EngineUnavailable
 
-REAL_TRT = ei.import_tensorrt() is not None
-HAS_GPU = ei.detect_device().has_gpu
+REAL_TRT = probe.import_tensorrt() is not None
+HAS_GPU = probe.detect_device().has_gpu
 
 
 def faces(n: int, seed: int = 1) -> np.ndarray:
@@ -197,7 +198,7 @@ def test_out_of_memory_message(fake_stack: Any, monkeypatch: pytest.MonkeyPatch)
         return None
 
     monkeypatch.setattr(fake_stack.trt.Builder, "build_serialized_network", oom)
-    monkeypatch.setattr(ei, "TEGRA_RELEASE", fake_stack.root / "manifest.json")  # pretend to be a Jetson
+    monkeypatch.setattr(probe, "TEGRA_RELEASE", fake_stack.root / "manifest.json")  # pretend to be a Jetson
     with pytest.raises(FaceMoEError) as info:
         trt_build.build_engine(fake_stack.root, trt_build.BuildOptions(max_batch=64))
     message = str(info.value)
@@ -237,6 +238,7 @@ def test_backend_end_to_end_matches_onnxruntime(fake_stack: Any, graphs: bool) -
 
 
 def test_backend_refuses_or_rebuilds_a_mismatched_engine(fake_stack: Any) -> None:
+    from facemoe.deploy import prepare_backend
     from facemoe.runtime.backends import open_backend
     from facemoe.runtime.backends.tensorrt_backend import TensorRTBackend
 
@@ -252,7 +254,12 @@ def test_backend_refuses_or_rebuilds_a_mismatched_engine(fake_stack: Any) -> Non
     with pytest.raises(EngineMismatchError, match="built on sm_87"):
         open_backend(fake_stack.root, "tensorrt")
 
-    backend = TensorRTBackend.from_bundle(Bundle(fake_stack.root), "fp16", rebuild=True)
+    # The runtime never builds; the composition step above runtime and export does, then opens it.
+    with pytest.raises(TypeError):
+        TensorRTBackend.from_bundle(Bundle(fake_stack.root), "fp16", rebuild=True)  # type: ignore[call-arg]
+    built: list[str] = []
+    backend = prepare_backend(fake_stack.root, "tensorrt", "fp16", rebuild=True, log=built.append)
+    assert isinstance(backend, TensorRTBackend) and built
     assert backend.identity is not None and backend.identity.compute_capability == "sm_89"
     assert backend.embed(faces(2)).shape == (2, 512)
     assert {e["compute_capability"] for e in Bundle(fake_stack.root).manifest.engines} == {"sm_87", "sm_89"}
@@ -262,6 +269,18 @@ def test_backend_refuses_or_rebuilds_a_mismatched_engine(fake_stack: Any) -> Non
     path.write_bytes(path.read_bytes() + b" ")
     with pytest.raises(EngineMismatchError, match="does not match its sidecar"):
         TensorRTBackend.from_bundle(Bundle(fake_stack.root), "fp16")
+
+
+def test_prepare_backend_rebuild_falls_back_or_refuses(fake_stack: Any) -> None:
+    from facemoe.deploy import prepare_backend
+
+    logged: list[str] = []
+    with pytest.raises(EngineUnavailable, match="cannot build a int8 engine: the bundle has no int8 ONNX"):
+        prepare_backend(fake_stack.root, "tensorrt", "int8", rebuild=True, log=logged.append)
+    fake_stack.cuda.driver_ok = False  # TensorRT cannot run here at all: auto falls back, nothing is built
+    backend = prepare_backend(fake_stack.root, "auto", rebuild=True, threads=1, log=logged.append)
+    assert backend.name == "onnxruntime" and not logged and not Bundle(fake_stack.root).manifest.engines
+    backend.close()
 
 
 def test_backend_without_cuda_python(fake_stack: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -322,8 +341,13 @@ def test_device_info_defaults() -> None:
 
 TYPED_MODULES = (
     "src/facemoe/export/tensorrt.py",
+    "src/facemoe/export/tensorrt_options.py",
     "src/facemoe/export/tensorrt_plugins.py",
     "src/facemoe/export/trt_plugin.py",
+    "src/facemoe/gating/trt_plugin.py",
+    "src/facemoe/deploy.py",
+    "src/facemoe/runtime/backends/plugin_libraries.py",
+    "src/facemoe/runtime/device.py",
     "src/facemoe/runtime/backends/cuda_runtime.py",
     "src/facemoe/runtime/backends/tensorrt_backend.py",
     "src/facemoe/runtime/backends/select.py",

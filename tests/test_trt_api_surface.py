@@ -32,7 +32,7 @@ def test_every_tensorrt_name_in_the_source_is_checked() -> None:
 
 def test_every_cuda_runtime_call_in_the_backend_is_checked() -> None:
     text = (ROOT / "src/facemoe/runtime/backends/cuda_runtime.py").read_text()
-    text += (ROOT / "src/facemoe/runtime/engine_identity.py").read_text()
+    text += (ROOT / "src/facemoe/runtime/device.py").read_text()
     used = set(re.findall(r"(?:_rt|cudart)\.(cuda\w+)", text))
     listed = {u.path.split(".")[0] for u in CUDART}
     assert used and used <= listed, sorted(used - listed)

@@ -21,8 +21,9 @@ from fakes import trt_stack
 from facemoe.bundle import MANIFEST_NAME, Bundle
 from facemoe.errors import FaceMoEError
 from facemoe.export import tensorrt as trt_build
-from facemoe.export import trt_plugin
 from facemoe.fileio import sha256_file
+from facemoe.gating import trt_plugin
+from facemoe.runtime import device as probe
 from facemoe.runtime import engine_identity as ei
 from facemoe.runtime.backends.base import BackendUnavailable
 from facemoe.runtime.engine_identity import DeviceInfo, EngineUnavailable
@@ -212,7 +213,7 @@ def test_cuda_that_cannot_start_is_a_clear_error(fake_root: Any) -> None:
         trt_build.build_engine(fake_root.root, options(precision="fp32", force=True), device=gpu)
     with pytest.raises(BackendUnavailable, match=r"could not create its runtime: CUDA failed to initialise"):
         TensorRTBackend(built.path, precision="fp32", max_batch=2)
-    assert not ei.detect_device().has_gpu  # cuda-python's error code is read as "no GPU", not raised
+    assert not probe.detect_device().has_gpu  # cuda-python's error code is read as "no GPU", not raised
 
 
 def test_invalidated_cuda_graph_capture_falls_back_to_eager(fake_root: Any) -> None:

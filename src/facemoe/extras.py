@@ -64,3 +64,16 @@ def missing_extra_message(exc: ImportError, command: str = "this command") -> st
         return None
     hint = install_hint(name)
     return f"{command} {hint}" if hint is not None else None
+
+
+def import_tensorrt() -> ModuleType | None:
+    """The real ``tensorrt`` module, or None: the one answer to "is TensorRT installed here".
+
+    ``tensorrt-stubs`` installs a bare ``tensorrt/`` folder of .pyi files, which Python imports as an empty
+    namespace package: a module without ``Builder`` is not TensorRT.
+    """
+    try:
+        module = importlib.import_module("tensorrt")
+    except Exception:  # not installed, or a broken install (missing libnvinfer: OSError from the bindings)
+        return None
+    return module if hasattr(module, "Builder") and hasattr(module, "Runtime") else None

@@ -530,18 +530,18 @@ def install(monkeypatch: Any, tmp_path: Any, root: Any, version: str) -> types.S
     """Put a fake GPU (sm_87) and a fake TensorRT ``version`` in place of the real modules for one test."""
     import sys
 
-    from facemoe.export import trt_plugin
-    from facemoe.runtime import engine_identity as ei
+    from facemoe.gating import trt_plugin
+    from facemoe.runtime import device as probe
 
     cuda = FakeCuda()
     trt = make_fake_tensorrt(version, cuda)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setitem(sys.modules, "tensorrt.plugin", trt.plugin)
     monkeypatch.setattr(trt_plugin, "_registered", set())
-    monkeypatch.setattr(ei, "load_cudart", lambda: cuda)
+    monkeypatch.setattr(probe, "load_cudart", lambda: cuda)
     monkeypatch.setattr("facemoe.runtime.backends.cuda_runtime.load_cudart", lambda: cuda)
-    monkeypatch.setattr(ei, "_run_nvidia_smi", lambda args: None)
-    monkeypatch.setattr(ei, "TEGRA_RELEASE", tmp_path / "no-tegra")
+    monkeypatch.setattr(probe, "_run_nvidia_smi", lambda args: None)
+    monkeypatch.setattr(probe, "TEGRA_RELEASE", tmp_path / "no-tegra")
     return types.SimpleNamespace(trt=trt, cuda=cuda, root=root, version=version)
 
 

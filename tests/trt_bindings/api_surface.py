@@ -144,9 +144,11 @@ CUDART: tuple[Use, ...] = (
 # The source files whose trt./trtp. names the table must cover.
 SOURCES = (
     "src/facemoe/export/tensorrt.py",
-    "src/facemoe/export/tensorrt_plugins.py",
-    "src/facemoe/export/trt_plugin.py",
+    "src/facemoe/export/tensorrt_options.py",
+    "src/facemoe/gating/trt_plugin.py",
     "src/facemoe/runtime/backends/cuda_runtime.py",
+    "src/facemoe/runtime/backends/plugin_libraries.py",
     "src/facemoe/runtime/backends/tensorrt_backend.py",
+    "src/facemoe/runtime/device.py",
     "src/facemoe/runtime/engine_identity.py",
 )

@@ -26,13 +26,13 @@ def main() -> int:
     from importlib.metadata import version
 
     from facemoe.errors import FaceMoEError
-    from facemoe.runtime import engine_identity as ei
+    from facemoe.runtime import device as probe
     from facemoe.runtime.backends.base import BackendUnavailable
     from facemoe.runtime.backends.tensorrt_backend import CudaRuntime
 
     installed = version("cuda-python")
     report.item(installed.startswith(expected), "version", f"{installed} != {expected}")
-    module = ei.load_cudart()
+    module = probe.load_cudart()
     report.item(module is not None, "load_cudart() finds the runtime module")
     if module is None:
         return report.finish()
@@ -41,7 +41,7 @@ def main() -> int:
     report.note(f"{module.__name__} from {where}")
     report.surface(module, CUDART, (0, 0))
 
-    device = ei.detect_device()
+    device = probe.detect_device()
     report.item(not device.has_gpu, "detect_device() without a driver: no GPU, no exception", device.describe())
     cuda = CudaRuntime(module)
     try:

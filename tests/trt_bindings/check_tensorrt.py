@@ -45,7 +45,7 @@ def check_project_code(report: Report, trt: Any, version: tuple[int, int]) -> No
 
     from facemoe.errors import FaceMoEError
     from facemoe.export import tensorrt as trt_build
-    from facemoe.runtime.engine_identity import import_tensorrt
+    from facemoe.runtime.device import import_tensorrt
 
     report.item(import_tensorrt() is trt, "import_tensorrt() returns the real module")
     caps = trt_build.capabilities()
@@ -88,7 +88,7 @@ def _fields(trt: Any, dtype: Any, kind: Any, **values: int) -> Any:
 
 
 def check_plugin(report: Report, trt: Any, version: tuple[int, int]) -> None:
-    from facemoe.export import trt_plugin
+    from facemoe.gating import trt_plugin
 
     module = trt_plugin.plugin_module()
     if version < (10, 6):

@@ -17,7 +17,7 @@ from typing import Any
 
 from facemoe.errors import FaceMoEError
 from facemoe.runtime.backends.base import BackendUnavailable
-from facemoe.runtime.engine_identity import load_cudart
+from facemoe.runtime.device import load_cudart
 
 
 class CudaRuntime:

@@ -34,9 +34,9 @@ def available_backends() -> list[str]:
     """Backends whose libraries are importable here (a GPU is checked when a backend is opened)."""
     names = []
     # find_spec alone is fooled by the tensorrt-stubs package (an importable, empty "tensorrt").
-    from facemoe.runtime.engine_identity import import_tensorrt
+    from facemoe.runtime import device as probe
 
-    if import_tensorrt() is not None:
+    if probe.import_tensorrt() is not None:
         names.append("tensorrt")
     if importlib.util.find_spec("onnxruntime") is not None:
         names.append("onnxruntime")
@@ -65,7 +65,7 @@ def engine_precision(bundle: Bundle) -> str:
 
 
 def _has_gpu() -> bool:
-    from facemoe.runtime.engine_identity import detect_device
+    from facemoe.runtime.device import detect_device
 
     return detect_device().has_gpu
 
@@ -186,7 +186,8 @@ def open_backend(
 
     ``device`` (``cpu``, ``cuda``, ``cuda:N``) and ``options`` go to the backend's ``from_bundle``
     (runtime/backends/base.py): e.g. ``cuda_graphs``; torch ``routing``, ``compile``, ``half``; TensorRT
-    ``rebuild``. With ``auto`` a ``device`` given applies to every backend tried.
+    ``plugin_libraries``. With ``auto`` a ``device`` given applies to every backend tried. Building a missing
+    TensorRT engine first is ``facemoe.deploy.prepare_backend``'s job (the runtime never builds one).
     """
     if not isinstance(bundle, Bundle):
         bundle = Bundle(bundle)

@@ -2,8 +2,8 @@
 
 Before TensorRT sees an engine, the sidecar identity is compared with this device (compute capability,
 TensorRT version, ONNX and plugin hashes) and the file's sha256 with the sidecar: a mismatched engine is
-refused with the reason ("built on sm_87 with TensorRT 10.3, this is sm_89 with TensorRT 10.13"), or rebuilt
-from the bundle's ONNX when ``rebuild=True``.
+refused with the reason ("built on sm_87 with TensorRT 10.3, this is sm_89 with TensorRT 10.13"). Building
+one is the exporter's job: ``facemoe.deploy.prepare_backend(..., rebuild=True)`` builds and then opens.
 
 cuda-python drives memory, pinned buffers and streams (runtime/backends/cuda_runtime.py says why).
 
@@ -16,7 +16,6 @@ import contextlib
 import ctypes
 import dataclasses
 import importlib.util
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,13 +26,12 @@ from facemoe.bundle import Bundle
 from facemoe.errors import EngineMismatchError, FaceMoEError
 from facemoe.runtime.backends.base import Backend, BackendUnavailable
 from facemoe.runtime.backends.cuda_runtime import CudaRuntime
+from facemoe.runtime.backends.plugin_libraries import bundle_plugin_libraries, load_plugin_libraries
+from facemoe.runtime.device import detect_device, import_tensorrt
 from facemoe.runtime.engine_identity import (
-    EngineChoice,
     EngineIdentity,
     EngineUnavailable,
     compare,
-    detect_device,
-    import_tensorrt,
     plugin_hashes,
     read_sidecar,
     select_engine,
@@ -60,7 +58,7 @@ def _require_tensorrt() -> None:
 
 def _register_jit_plugin(engine_path: Path) -> None:
     """An engine built with the JIT facemoe::SparseMoE plugin calls back into Python: register it first."""
-    from facemoe.export import trt_plugin
+    from facemoe.gating import trt_plugin
 
     missing = [name for name in ("torch", "triton") if importlib.util.find_spec(name) is None]
     registered: frozenset[str] = frozenset()
@@ -93,8 +91,6 @@ class TensorRTBackend(Backend):
     ) -> None:
         _require_tensorrt()
         import tensorrt as trt
-
-        from facemoe.export.tensorrt import load_plugin_libraries
 
         self._closed = True
         self.note = ""  # why this engine may not be the best one for this GPU (see select_engine)
@@ -189,12 +185,12 @@ class TensorRTBackend(Backend):
         *,
         device: str | None = None,
         threads: int | None = None,
-        rebuild: bool = False,
         cuda_graphs: bool = False,
         device_index: int = 0,
         plugin_libraries: Sequence[str | Path] = (),
     ) -> TensorRTBackend:
-        """The bundle's engine for this GPU; with ``rebuild`` a missing or mismatched one is built first.
+        """The bundle's engine for this GPU; ``EngineUnavailable`` says why none fits (build one, or use
+        ``facemoe.deploy.prepare_backend(..., rebuild=True)``).
 
         ``device``: ``cuda`` or ``cuda:N`` (overrides ``device_index``); ``threads`` is accepted for the
         common signature and unused (nothing runs on the CPU).
@@ -205,29 +201,11 @@ class TensorRTBackend(Backend):
             device_index = int(device[5:] or 0)
         _require_tensorrt()
         CudaRuntime.load()
-        from facemoe.export.tensorrt import BuildOptions, build_engine, bundle_plugin_libraries
-
         gpu = detect_device(device_index)
         if not gpu.has_gpu:
             raise BackendUnavailable("no NVIDIA GPU found (checked cuda-python, nvidia-smi and the Jetson device tree)")
         libraries = [Path(p) for p in plugin_libraries] or bundle_plugin_libraries(bundle)
-        hashes = plugin_hashes(libraries)
-        try:
-            choice = select_engine(bundle, precision, max_batch, gpu, hashes)
-        except EngineUnavailable as exc:
-            if not rebuild:
-                raise
-            if precision not in bundle.manifest.artifacts:
-                raise EngineUnavailable(f"{exc}; cannot rebuild: the bundle has no {precision} ONNX") from exc
-            options = BuildOptions(
-                precision=precision,
-                max_batch=max(max_batch, 32),
-                opt_batch=min(8, max_batch),
-                plugin_libraries=libraries,
-                device_index=device_index,
-            )
-            built = build_engine(bundle, options, device=gpu, log=lambda msg: print(msg, file=sys.stderr))
-            choice = EngineChoice(built.path, built.identity, built.sha256)
+        choice = select_engine(bundle, precision, max_batch, gpu, plugin_hashes(libraries))
         backend = cls(
             choice.path,
             precision=precision,
