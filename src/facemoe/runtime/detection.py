@@ -21,6 +21,7 @@ import numpy as np
 
 from facemoe.errors import InputError
 from facemoe.imagefile import to_bgr8
+from facemoe.runtime.ort_session import create_session
 
 STEPS = (8, 16, 32)
 ANCHOR_SIZES = ((16, 32), (64, 128), (256, 512))
@@ -148,14 +149,11 @@ class RetinaFaceDetector:
             if not path.is_file():
                 raise InputError(f"{path}: detector model not found")
             source, self.name = str(path), path.name
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
         available = ort.get_available_providers()
+        # The detector is small and dynamic-shaped: CUDA or the CPU, never a TensorRT engine build per size.
         chosen = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         try:
-            self.session = ort.InferenceSession(source, sess_options=options, providers=chosen)
+            self.session = create_session(source, providers=chosen, threads=threads).session
         except Exception as exc:
             raise InputError(f"{self.name}: ONNX Runtime cannot load the detector: {exc}") from exc
         inputs = self.session.get_inputs()

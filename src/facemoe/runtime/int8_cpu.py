@@ -118,6 +118,7 @@ def int8_kernels_saturate() -> bool:
     """
     import onnxruntime as ort
 
+    # Its own session on purpose: ``ort_session.create_session`` asks this probe which encoding to apply.
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -65,7 +65,7 @@ def _level(optimization: Optimization) -> Any:
 
 
 def create_session(
-    model: str | Path | onnx.ModelProto,
+    model: str | Path | bytes | onnx.ModelProto,
     *,
     providers: list[str] | None = None,
     threads: int | None = None,
@@ -74,7 +74,7 @@ def create_session(
     custom_ops: bool | None = None,
     optimized_model_path: str | Path | None = None,
 ) -> OrtSession:
-    """A session for ``model`` (a path or a proto; a proto is consumed to bound peak memory).
+    """A session for ``model`` (a path, serialised bytes, or a proto; a proto is consumed to bound peak memory).
 
     ``int8_encoding``: ``"auto"`` lets :func:`facemoe.runtime.int8_cpu.choose_encoding` pick for this
     processor (exact by default); ``"s8"``, ``"w7"`` or ``"u8"`` force one. Only graphs with int8 weights
@@ -88,8 +88,10 @@ def create_session(
     chosen = providers or [p for p in PROVIDER_ORDER if p in available]
     on_cpu = chosen[0] == "CPUExecutionProvider"
 
+    if isinstance(model, bytes):
+        model = onnx.load_from_string(model)
     proto: onnx.ModelProto | None = model if isinstance(model, onnx.ModelProto) else None
-    path = None if proto is not None else Path(model)  # type: ignore[arg-type]
+    path = None if proto is not None else Path(model)
     if proto is None and path is not None:
         # The graph (without external weights) is cheap to read and says whether there is anything to decide.
         header = onnx.load(str(path), load_external_data=False)
