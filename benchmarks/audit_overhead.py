@@ -1,6 +1,6 @@
 """Cost of ``facemoe-run --audit-rate``: wall-time overhead on the sample video, and drops behind a slow reference.
 
-    facemoe-export --random-weights --preset tiny --fp16 --int8 --calib src/facemoe/data/carphone_pristine.mp4 \
+    facemoe-export --random-weights --config tiny --fp16 --int8 --calib src/facemoe/data/carphone_pristine.mp4 \
         --out /tmp/tiny-bundle
     python benchmarks/audit_overhead.py /tmp/tiny-bundle [--precision int8] [--repeats 3] [--json out.json]
 

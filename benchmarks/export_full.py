@@ -31,7 +31,7 @@ def export(out: Path, calib: list[str], count: int) -> dict[str, float]:
         "-m",
         "facemoe.cli.export_cmd",
         "--random-weights",
-        "--preset",
+        "--config",
         "full",
         "--fp16",
         "--int8",

@@ -88,7 +88,7 @@ def environment() -> dict[str, Any]:
 
 
 def export(work: Path, preset: str, max_batch: int) -> dict[str, Any]:
-    common = ["--random-weights", "--preset", preset, "--max-batch", str(max_batch), "--quiet", "--overwrite"]
+    common = ["--random-weights", "--config", preset, "--max-batch", str(max_batch), "--quiet", "--overwrite"]
     runs = {
         "standard": [*common, "--fp16", "--int8", "--calib", str(SAMPLE_VIDEO), "--no-gate"],
         "plugin": [*common, "--fp16", "--gating", "plugin", "--no-gate"],

@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="facemoe-demo-") as tmp:
         staged = Path(tmp) / "demo-bundle"
-        cmd = [sys.executable, "-m", "facemoe.cli.export_cmd", "--random-weights", "--preset", PRESET]
+        cmd = [sys.executable, "-m", "facemoe.cli.export_cmd", "--random-weights", "--config", PRESET]
         cmd += ["--seed", str(SEED), "--out", str(staged), "--quiet"]
         subprocess.run(cmd, check=True)
         # The parity plot is for people reading an export; the runtime needs the manifest and the ONNX.

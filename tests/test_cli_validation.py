@@ -132,7 +132,7 @@ print("OK")
 def test_export_help_shows_choices_and_ranges() -> None:
     result = runner.invoke(export_app, ["--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
-    for text in ("max|percentile|entropy", "onnx|plugin", "full|tiny|small", "x>=1", "17<=x<=20", "routing_min"):
+    for text in ("max|percentile|entropy", "onnx|plugin", "(full, small, tiny)", "x>=1", "17<=x<=20", "routing_min"):
         assert text in result.output, text
 
 

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from facemoe.cli.common import OverwriteOption, console, out, user_errors
-from facemoe.cli.options import OneLineErrors, Precision, Preset
+from facemoe.cli.options import OneLineErrors, Precision, Preset, VersionOption
 from facemoe.errors import FaceMoEError
 from facemoe.fileio import atomic_path, check_output
 
@@ -107,6 +107,7 @@ def bench(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
     markdown_out: Annotated[Path | None, typer.Option("--markdown", help="Write a markdown table here.")] = None,
     overwrite: bool = OverwriteOption,
+    version: Annotated[bool, VersionOption] = False,
 ) -> None:
     """Sweep backends x precisions x batch sizes: p50/p95/p99 latency, img/s and peak memory.
 

@@ -48,7 +48,9 @@ def build_engine(
     ] = None,
     min_batch: Annotated[int, typer.Option(min=1, help="Smallest batch of the optimisation profile.")] = 1,
     opt_batch: Annotated[int, typer.Option(min=1, help="Batch TensorRT tunes kernels for.")] = 8,
-    max_batch: Annotated[int, typer.Option(min=1, help="Largest batch the engine accepts.")] = 32,
+    max_batch: Annotated[
+        int, typer.Option(min=1, help="Largest number of faces per model call (the engine profile's max).")
+    ] = 32,
     workspace: Annotated[
         str | None, typer.Option(help="Builder workspace limit, e.g. 2GiB (default: 1GiB on Jetson, else all).")
     ] = None,

@@ -10,7 +10,7 @@ import typer
 
 from facemoe.bundle import MANIFEST_NAME
 from facemoe.cli.common import OverwriteOption, console, user_errors
-from facemoe.cli.options import CalibrationMethod, Gating, OneLineErrors, Precision, Preset
+from facemoe.cli.options import CalibrationMethod, Gating, OneLineErrors, Precision, Preset, VersionOption
 from facemoe.errors import FaceMoEError, OutputError
 
 app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True)
@@ -112,7 +112,11 @@ def export(
         Path | None, typer.Option(help="Official model.pt (plain state dict) or checkpoint_gpu_*.pt.")
     ] = None,
     config: Annotated[
-        str, typer.Option(help="'infer' (from the checkpoint's shapes), a preset (full, tiny) or a JSON file.")
+        str,
+        typer.Option(
+            help="The architecture: 'infer' (from the checkpoint's shapes; tiny with --random-weights), a preset "
+            "(full, small, tiny) or a JSON file."
+        ),
     ] = "infer",
     k: Annotated[
         int, typer.Option(min=1, help="Experts per token. Not stored in checkpoints; the release uses 2.")
@@ -140,14 +144,16 @@ def export(
         bool, typer.Option("--int8-attention", help="INT8: quantize the attention q@k and attn@v matmuls too.")
     ] = False,
     opset: Annotated[int, typer.Option(min=MIN_OPSET, max=MAX_OPSET, help="ONNX opset.")] = 17,
-    max_batch: Annotated[int, typer.Option(min=1, help="Largest batch the runtime should plan for.")] = 32,
+    max_batch: Annotated[
+        int, typer.Option(min=1, help="Largest number of faces per model call (recorded; the engine profile's max).")
+    ] = 32,
     gating: Annotated[
         Gating, typer.Option(help="'onnx' (standard ops) or 'plugin' (custom facemoe::SparseMoE op).")
     ] = Gating.onnx,
     random_weights: Annotated[
         bool, typer.Option("--random-weights", help="No checkpoint: random weights (demos and tests only).")
     ] = False,
-    preset: Annotated[Preset, typer.Option(help="Preset for --random-weights.")] = Preset.tiny,
+    preset: Annotated[Preset | None, typer.Option(hidden=True, help="Old name of --config PRESET.")] = None,
     seed: Annotated[int, typer.Option(min=0, help="Seed for --random-weights.")] = 0,
     gate: Annotated[
         list[str] | None,
@@ -165,6 +171,7 @@ def export(
     ] = False,
     overwrite: bool = OverwriteOption,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+    version: Annotated[bool, VersionOption] = False,
 ) -> None:
     """Export a FaceMoE checkpoint into a deployment bundle and check every artifact against PyTorch."""
     # Every check that needs no model runs before torch is imported (seconds on a cold start).
@@ -187,6 +194,12 @@ def export(
     if checkpoint is not None and not checkpoint.is_file():
         raise FaceMoEError(f"{checkpoint}: checkpoint file not found")
     model_config = load_config(config)
+    if preset is not None:  # the old --preset NAME is --config NAME
+        if model_config is not None and model_config != preset.value:
+            raise FaceMoEError(f"--preset {preset.value} and --config {config} disagree: use --config alone")
+        model_config = preset.value
+    if random_weights and model_config is None:
+        model_config = Preset.tiny.value
     check_bundle_dir(out, overwrite=overwrite, inputs=(checkpoint, *(calib or [])))
     if engine:
         from facemoe.export.tensorrt import require_tensorrt
@@ -205,11 +218,13 @@ def export(
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if checkpoint is None:
-        model = randomize(build_model(preset.value), seed=seed)
-        _check_k(k, model.config.num_experts, f"the {preset.value} preset")
+        assert model_config is not None  # set above for --random-weights
+        arch = model_config if isinstance(model_config, str) else "custom"
+        model = randomize(build_model(model_config), seed=seed)
+        _check_k(k, model.config.num_experts, f"the {arch} config")
         model.set_k(k)
-        source: dict[str, object] = {"random_weights": True, "preset": preset.value, "seed": seed}
-        console.print(f"[yellow]random weights ({preset.value} preset): embeddings carry no identity information[/]")
+        source: dict[str, object] = {"random_weights": True, "preset": arch, "seed": seed}
+        console.print(f"[yellow]random weights ({arch} config): embeddings carry no identity information[/]")
     else:
         model = load_checkpoint(checkpoint, config=model_config, k=k)
         source = {"path": str(checkpoint.resolve()), "sha256": sha256_file(checkpoint), "k": k}

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from facemoe.cli.common import console, fail, out, user_errors
-from facemoe.cli.options import OneLineErrorsGroup
+from facemoe.cli.options import OneLineErrorsGroup, VersionOption
 from facemoe.extras import missing_extra_message
 
 app = typer.Typer(
@@ -19,6 +19,11 @@ app = typer.Typer(
     cls=OneLineErrorsGroup,
     no_args_is_help=True,
 )
+
+
+@app.callback()
+def _root(version: Annotated[bool, VersionOption] = False) -> None:
+    """FaceMoE Edge: export, verify, benchmark and run FaceMoE."""
 
 
 @app.command()

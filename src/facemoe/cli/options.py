@@ -21,6 +21,20 @@ except ImportError:  # pragma: no cover - older typer on click
     from click.exceptions import UsageError  # type: ignore[no-redef,assignment]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from facemoe import __version__
+
+        typer.echo(f"facemoe-edge {__version__}")
+        raise typer.Exit()
+
+
+# Every entry point (facemoe, facemoe-export, facemoe-run, facemoe-bench) answers --version the same way.
+VersionOption = typer.Option(
+    "--version", is_flag=True, callback=_print_version, is_eager=True, help="Show the version and exit."
+)
+
+
 class Precision(str, enum.Enum):
     fp32 = "fp32"
     fp16 = "fp16"

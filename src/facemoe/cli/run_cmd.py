@@ -20,7 +20,7 @@ from rich.live import Live
 from rich.markup import escape
 
 from facemoe.cli.common import EXIT_INTERRUPTED, EXIT_USER_ERROR, OverwriteOption, console, user_errors
-from facemoe.cli.options import OneLineErrors, Precision, RuntimeBackend
+from facemoe.cli.options import OneLineErrors, Precision, RuntimeBackend, VersionOption
 from facemoe.cli.run_audit import (
     EXIT_ACCURACY_ALARM,
     AuditMinCosine,
@@ -143,7 +143,9 @@ def run(
     max_embeddings: Annotated[
         int, typer.Option(min=1, help="Embeddings per track before it is only re-checked every 60 frames.")
     ] = 20,
-    max_batch: Annotated[int, typer.Option(min=1, help="Largest embedding batch (faces across frames).")] = 32,
+    max_batch: Annotated[
+        int, typer.Option(min=1, help="Largest number of faces per model call (batched across frames).")
+    ] = 32,
     max_latency_ms: Annotated[
         float | None,
         typer.Option(min=0.0, help="Longest a face waits for its batch (default: 100 live, 1000 files)."),
@@ -169,6 +171,7 @@ def run(
     audit_save: AuditSave = None,
     audit_strict: AuditStrict = False,
     audit_queue: AuditQueue = 64,
+    version: Annotated[bool, VersionOption] = False,
 ) -> None:
     """Detect, track and recognise faces in a video; write events (and optionally an annotated video).
 
