@@ -209,3 +209,71 @@ def test_haswell_kernels_are_exact_with_w7_and_u8(haswell_results: dict[str, obj
     assert float(haswell_results["w7"]) < 1e-5  # type: ignore[arg-type]
     assert float(haswell_results["u8"]) < 1e-5  # type: ignore[arg-type]
     assert haswell_results["auto"] == "u8"  # nothing known about w7's parity: the exact encoding
+
+
+# ------------------------------------------------ rewrites stay exact (or refuse) beyond the exporter's layout
+
+
+def _run_graph(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)[0]
+
+
+def test_gpu_request_that_falls_back_to_the_cpu_still_gets_the_cpu_encoding() -> None:
+    """ONNX Runtime silently runs on the CPU when the asked-for GPU provider is missing or fails."""
+    session = create_session(
+        qdq_matmul(), providers=["CUDAExecutionProvider", "CPUExecutionProvider"], int8_encoding="u8"
+    )
+    assert session.provider == "CPUExecutionProvider"
+    assert session.int8_encoding == "u8"
+
+
+def test_shift_to_uint8_adds_zero_points_where_the_int8_default_was_implicit() -> None:
+    """A DQ without a zero point reading a shifted Q output, and one int8 weight read by two such DQs."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [2]) for name in ("a", "b", "c")]
+    initializers = [
+        numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+        numpy_helper.from_array(np.array(0, np.int8), "z"),
+        numpy_helper.from_array(np.array([50, -50], np.int8), "w"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "s"], ["a"]),  # implicit int8 zero point
+        helper.make_node("DequantizeLinear", ["w", "s"], ["b"]),
+        helper.make_node("DequantizeLinear", ["w", "s"], ["c"]),  # the same weight, read twice
+    ]
+    graph = helper.make_graph(nodes, "implicit", [x], outputs, initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    feeds = {"x": np.array([1.0, -1.0], np.float32)}
+    before = [_run_graph(_with_output(model, name), feeds) for name in ("a", "b", "c")]
+    shift_to_uint8(model)
+    after = [_run_graph(_with_output(model, name), feeds) for name in ("a", "b", "c")]
+    for want, got in zip(before, after, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def _with_output(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    keep = [o for o in copy.graph.output if o.name == name]
+    del copy.graph.output[:]
+    copy.graph.output.extend(keep)
+    return copy
+
+
+def test_limit_weight_range_refuses_a_shared_scale_before_changing_anything() -> None:
+    model = qdq_matmul(k=4, n=2)
+    small = numpy_helper.from_array(np.full((4, 2), 10, np.int8), "w_small")
+    model.graph.initializer.append(small)
+    model.graph.node.append(helper.make_node("DequantizeLinear", ["w_small", "w_scale", "w_zero"], ["wd2"], axis=1))
+    weights_before = {i.name: numpy_helper.to_array(i).copy() for i in model.graph.initializer}
+    with pytest.raises(ValueError, match="shared by several weights"):
+        limit_weight_range(model)
+    for init in model.graph.initializer:
+        np.testing.assert_array_equal(numpy_helper.to_array(init), weights_before[init.name])

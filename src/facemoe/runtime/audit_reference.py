@@ -104,12 +104,15 @@ def open_reference(bundle: Bundle, kind: str = "auto", checkpoint: str | None = 
     if kind == "torch":
         if importlib.util.find_spec("torch") is None:
             raise FaceMoEError("--audit-reference torch needs PyTorch (pip install 'facemoe-edge[export]'); use onnx")
-        return Chosen(TorchReference(bundle, checkpoint), "asked for")
+        try:
+            return Chosen(TorchReference(bundle, checkpoint), "asked for")
+        except ImportError as exc:  # installed but not importable (broken install, blocked on purpose)
+            raise FaceMoEError(f"--audit-reference torch: PyTorch cannot be imported ({exc}); use onnx") from None
     if importlib.util.find_spec("torch") is None:
         return Chosen(OnnxReference(bundle), "auto: PyTorch is not installed")
     try:
         return Chosen(TorchReference(bundle, checkpoint), "auto: PyTorch and the recorded weights are here")
-    except FaceMoEError as exc:
+    except (FaceMoEError, ImportError) as exc:
         return Chosen(OnnxReference(bundle), f"auto: the PyTorch reference is unavailable ({exc})")
 
 

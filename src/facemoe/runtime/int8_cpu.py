@@ -180,56 +180,82 @@ def _int8_weight_dequantizers(model: onnx.ModelProto) -> list[tuple[onnx.TensorP
 def limit_weight_range(model: onnx.ModelProto) -> int:
     """Rewrite int8 weights in place to |q| <= 64 with doubled scales; returns how many tensors changed.
 
-    Weights already within the range are left alone (a second call changes nothing). Shared scale
-    initialisers are rewritten once per weight that uses them only if no other weight shares them;
-    the exporter gives every weight its own scale.
+    Weights already within the range are left alone (a second call changes nothing). A scale shared by
+    several weights is refused before anything changes (doubling it would rescale the others too); the
+    exporter gives every weight its own scale.
     """
+    pairs = _int8_weight_dequantizers(model)
+    users: dict[str, set[str]] = {}
+    for weight, scale in pairs:
+        users.setdefault(scale.name, set()).add(weight.name)
+    shared = sorted(name for name, weights in users.items() if len(weights) > 1)
+    if shared:
+        raise ValueError(f"int8 weight scale {shared[0]} is shared by several weights; cannot limit their range")
     changed = 0
-    done_scales: set[str] = set()
-    for weight, scale in _int8_weight_dequantizers(model):
+    done: set[str] = set()
+    for weight, scale in pairs:
+        if weight.name in done:
+            continue
         q = numpy_helper.to_array(weight).astype(np.int16)
         if int(np.abs(q).max(initial=0)) <= SAFE_WEIGHT_MAX:
             continue
-        if scale.name in done_scales:
-            raise ValueError(f"scale {scale.name} is shared by several int8 weights; cannot rescale one")
         # Round half to even keeps the rewrite unbiased; |round(127 / 2)| = 64 is within the safe range.
         q7 = np.clip(np.rint(q / 2.0), -SAFE_WEIGHT_MAX, SAFE_WEIGHT_MAX).astype(np.int8)
         s = numpy_helper.to_array(scale)
         weight.CopyFrom(numpy_helper.from_array(q7, weight.name))
         scale.CopyFrom(numpy_helper.from_array((s * 2.0).astype(s.dtype), scale.name))
-        done_scales.add(scale.name)
+        done.add(weight.name)
         changed += 1
     return changed
 
 
 def shift_to_uint8(model: onnx.ModelProto) -> int:
-    """Rewrite every int8 Q/DQ zero point and int8 weight in place to uint8 + 128 (same real values)."""
+    """Rewrite the graph's int8 Q/DQ tensors in place to uint8 + 128 (the same real values).
+
+    Shifted: every int8 zero-point initializer of a QuantizeLinear/DequantizeLinear and every int8 weight a
+    DequantizeLinear reads. A DequantizeLinear without a zero point that reads a shifted tensor (a weight, or
+    the output of a shifted QuantizeLinear) gets an explicit 128, since its implicit zero point would become
+    uint8 0. Returns how many initializers changed.
+    """
     initializers = {init.name: init for init in model.graph.initializer}
-    done: set[str] = set()
+    shifted: set[str] = set()  # initializers rewritten
+    shifted_tensors: set[str] = set()  # tensors that now carry uint8 values (weights, shifted Q outputs)
+
+    def shift(name: str) -> bool:
+        tensor = initializers.get(name)
+        if tensor is None or tensor.data_type != onnx.TensorProto.INT8:
+            return name in shifted
+        values = numpy_helper.to_array(tensor).astype(np.int16) + 128
+        tensor.CopyFrom(numpy_helper.from_array(values.astype(np.uint8), name))
+        shifted.add(name)
+        return True
+
     for node in model.graph.node:
-        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+        if node.op_type == "QuantizeLinear" and len(node.input) > 2 and node.input[2] and shift(node.input[2]):
+            shifted_tensors.add(node.output[0])
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear":
             continue
-        names = [node.input[2]] if len(node.input) > 2 and node.input[2] else []
-        if node.op_type == "DequantizeLinear":
-            weight = initializers.get(node.input[0])
-            if not names and weight is not None and weight.data_type == onnx.TensorProto.INT8:
-                # An int8 DQ without a zero point means 0: as uint8 it needs an explicit 128.
-                scale = numpy_helper.to_array(initializers[node.input[1]])
-                zero = numpy_helper.from_array(np.zeros(scale.shape, dtype=np.int8), f"{node.input[0]}_zero_point")
-                model.graph.initializer.append(zero)
-                initializers[zero.name] = model.graph.initializer[-1]
-                del node.input[2:]
-                node.input.append(zero.name)
-                names.append(zero.name)
-            names.append(node.input[0])
-        for name in names:
-            tensor = initializers.get(name)
-            if name in done or tensor is None or tensor.data_type != onnx.TensorProto.INT8:
-                continue
-            shifted = numpy_helper.to_array(tensor).astype(np.int16) + 128
-            tensor.CopyFrom(numpy_helper.from_array(shifted.astype(np.uint8), name))
-            done.add(name)
-    return len(done)
+        if shift(node.input[0]):
+            shifted_tensors.add(node.input[0])
+        if len(node.input) > 2 and node.input[2]:
+            shift(node.input[2])
+        elif node.input[0] in shifted_tensors:
+            scale = numpy_helper.to_array(initializers[node.input[1]])
+            name = _unique_name(initializers, f"{node.output[0]}_zero_point_u8")
+            zero = numpy_helper.from_array(np.full(scale.shape, 128, dtype=np.uint8), name)
+            model.graph.initializer.append(zero)
+            initializers[name] = model.graph.initializer[-1]
+            del node.input[2:]
+            node.input.append(name)
+    return len(shifted)
+
+
+def _unique_name(taken: dict[str, onnx.TensorProto], base: str) -> str:
+    name, n = base, 1
+    while name in taken:
+        name, n = f"{base}_{n}", n + 1
+    return name
 
 
 def has_int8_weights(model: onnx.ModelProto) -> bool:

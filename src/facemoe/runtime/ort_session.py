@@ -96,14 +96,17 @@ def create_session(
         # The graph (without external weights) is cheap to read and says whether there is anything to decide.
         header = onnx.load(str(path), load_external_data=False)
         custom_ops = uses_custom_ops(header) if custom_ops is None else custom_ops
-        if on_cpu and has_int8_weights(header):
+        int8 = has_int8_weights(header)
+        if on_cpu and int8:
             proto = onnx.load(str(path), load_external_data=True)
         del header
-    elif proto is not None and custom_ops is None:
-        custom_ops = uses_custom_ops(proto)
+    else:
+        assert proto is not None
+        custom_ops = uses_custom_ops(proto) if custom_ops is None else custom_ops
+        int8 = has_int8_weights(proto)
 
     encoding: str | None = None
-    if on_cpu and proto is not None and has_int8_weights(proto):
+    if on_cpu and proto is not None and int8:
         encoding = choose_encoding(detect_cpu()) if int8_encoding == "auto" else int8_encoding
         apply_encoding(proto, encoding)
 
@@ -125,4 +128,18 @@ def create_session(
     else:
         payload = str(path)
     session = ort.InferenceSession(payload, options, providers=chosen)
+    if int8 and encoding is None and session.get_providers()[0] == "CPUExecutionProvider":
+        # A GPU provider was asked for but ONNX Runtime fell back to the CPU (e.g. CUDA failed to load): the
+        # graph must not run there in the stored encoding, whose fused kernels may saturate on this CPU.
+        del session
+        fallback = onnx.load_from_string(payload) if isinstance(payload, bytes) else onnx.load(payload)
+        return create_session(
+            fallback,
+            providers=["CPUExecutionProvider"],
+            threads=threads,
+            optimization=optimization,
+            int8_encoding=int8_encoding,
+            custom_ops=custom_ops,
+            optimized_model_path=optimized_model_path,
+        )
     return OrtSession(session, session.get_providers()[0], optimization, encoding)
