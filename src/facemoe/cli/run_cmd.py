@@ -19,6 +19,7 @@ import typer
 from rich.live import Live
 from rich.markup import escape
 
+from facemoe.cli import run_integrations as ri
 from facemoe.cli.common import EXIT_INTERRUPTED, EXIT_USER_ERROR, OverwriteOption, console, user_errors
 from facemoe.cli.options import OneLineErrors, Precision, RuntimeBackend, VersionOption
 from facemoe.cli.run_audit import (
@@ -171,6 +172,13 @@ def run(
     audit_save: AuditSave = None,
     audit_strict: AuditStrict = False,
     audit_queue: AuditQueue = 64,
+    metrics_port: ri.MetricsPort = None,
+    metrics_host: ri.MetricsHost = "127.0.0.1",
+    mqtt: ri.MqttUrl = None,
+    mqtt_user: ri.MqttUser = None,
+    mqtt_password: ri.MqttPassword = None,
+    mqtt_tls: ri.MqttTls = False,
+    mqtt_ca: ri.MqttCa = None,
     version: Annotated[bool, VersionOption] = False,
 ) -> None:
     """Detect, track and recognise faces in a video; write events (and optionally an annotated video).
@@ -207,6 +215,7 @@ def run(
     if video is not None:
         check_video_spec(video)
     check_audit_options(audit_rate, audit_min_cosine, audit_save, audit_reference.value)
+    ri.check_mqtt_url(mqtt)
     out = plan_outputs(
         video=video,
         out=out,
@@ -271,6 +280,21 @@ def run(
         if save_video is not None:
             annotator = VideoAnnotator(save_video, source.fps, (source.width, source.height))
             stack.callback(annotator.close)
+        attach = stack.enter_context(
+            ri.integrations(
+                ri.source_id(video),
+                backend=engine.describe(),
+                precision=engine.precision,
+                metrics_port=metrics_port,
+                metrics_host=metrics_host,
+                mqtt=mqtt,
+                mqtt_user=mqtt_user,
+                mqtt_password=mqtt_password,
+                mqtt_tls=mqtt_tls,
+                mqtt_ca=mqtt_ca,
+                say=lambda text: console.print(text, highlight=False),
+            )
+        )
         events = EventWriter(out, overwrite=overwrite)
         stack.callback(events.close)
 
@@ -296,6 +320,7 @@ def run(
             config=config,
         )
         pipeline.audit = auditor.bind(events) if auditor is not None else None
+        attach(pipeline, source.stats)
         backend_text = engine.describe()
         if loaded.manifest.model.get("random_weights") or demo:
             console.print(DEMO_WARNING, highlight=False)

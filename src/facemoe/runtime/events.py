@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,11 @@ class EventWriter:
     def __init__(self, path: str | Path | None, *, overwrite: bool = True) -> None:
         self.path = None if path is None else str(path)
         self.counts: Counter[str] = Counter()
+        # Called with each record as it is emitted, written or not (runtime.metrics, runtime.mqtt_sink);
+        # each must return at once and never raise.
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        # Called before run_ended is written; the fields they return are added to it (runtime.mqtt_sink).
+        self.closing: list[Callable[[], dict[str, Any]]] = []
         self.lost = 0
         self.error: str | None = None
         self._fd: int | None = None
@@ -95,8 +101,13 @@ class EventWriter:
                 raise OutputError(f"{target}: cannot create the events file: {exc.strerror}") from None
 
     def emit(self, event: str, **fields: Any) -> dict[str, Any]:
+        if event == "run_ended":
+            for hook in self.closing:
+                fields.update(hook())
         record = {"event": event, **_plain(fields)}
         self.counts[event] += 1
+        for listener in self.listeners:
+            listener(record)
         if self.error is not None and event != "run_ended":
             self.lost += 1
             return record

@@ -44,6 +44,7 @@ MIN_FRAME_SIDE = 16
 class StageTimer:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+        self.observer: Callable[[str, float], None] | None = None  # each step's time (runtime.metrics)
 
     @contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
@@ -51,7 +52,10 @@ class StageTimer:
         try:
             yield
         finally:
-            self.seconds[stage] += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            self.seconds[stage] += elapsed
+            if self.observer is not None:
+                self.observer(stage, elapsed)
 
 
 class FaceEncoder:
@@ -169,6 +173,12 @@ class Pipeline:
         self._first: tuple[np.ndarray, Frame, list[Detection]] | None = None
         self.video_path: Path | None = None  # the annotated video, once run() has finalised it
         self.audit: Auditor | None = None  # re-checks a sample of embedded faces (runtime.audit)
+        self.on_batch: Callable[[int], None] | None = None  # each batch's size (runtime.metrics)
+
+    @property
+    def queued(self) -> int:
+        """Faces waiting for their embedding batch."""
+        return len(self._pending)
 
     # -- per frame -----------------------------------------------------------------------------------
     def process(self, frame: Frame) -> None:
@@ -278,6 +288,8 @@ class Pipeline:
             raw = self.encoder.embed([p.tensor for p in pending])
         self.stats.batches += 1
         self.stats.faces_embedded += len(pending)
+        if self.on_batch is not None:
+            self.on_batch(len(pending))
         for item, embedding in zip(pending, raw, strict=True):
             track = item.track
             track.pending -= 1
