@@ -26,6 +26,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from facemoe.bundle import Bundle
+from facemoe.cli.run_cmd import app as run_app
 from facemoe.cli.run_integrations import source_id
 from facemoe.runtime.backends import open_backend
 from facemoe.runtime.detection import RetinaFaceDetector
@@ -35,7 +36,7 @@ from facemoe.runtime.mqtt_sink import parse_mqtt_url
 from facemoe.runtime.pipeline import FaceEncoder, Pipeline, PipelineConfig
 from facemoe.runtime.video_source import VideoSource
 
-from runtime_fixtures import SAMPLE_VIDEO, read_events, sample_frames, write_video
+from runtime_fixtures import SAMPLE_VIDEO, error_lines, invoke, read_events, sample_frames, write_video
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -133,6 +134,26 @@ def test_metrics_port_in_use_is_a_user_error() -> None:
     try:
         with pytest.raises(Exception, match=f"--metrics-port {port}: cannot listen on 127.0.0.1:{port}"):
             RunMetrics("x", backend="b", precision="fp32").serve(port)
+    finally:
+        taken.close()
+
+
+def test_cli_refuses_a_taken_port_and_a_bad_url_before_writing(tmp_path: Path, tiny_bundle: Path) -> None:
+    out = tmp_path / "events.jsonl"
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    base = ["--video", SAMPLE_VIDEO, "--bundle", tiny_bundle, "--out", out, "--max-frames", "3"]
+    try:
+        for extra, message in (
+            (["--metrics-port", port], f"cannot listen on 127.0.0.1:{port}"),
+            (["--mqtt", "mqtt://127.0.0.1:1883/a/#"], "wildcards"),
+        ):
+            result = invoke(run_app, [*base, *extra])
+            assert result.exit_code == 2, result.output
+            assert any(message in line for line in error_lines(result.stderr)), result.stderr
+            assert not out.exists(), "no events file for a refused run"
     finally:
         taken.close()
 
@@ -305,3 +326,25 @@ def test_broker_restarted_mid_run_loses_no_event(tmp_path: Path, tiny_bundle: Pa
     # QoS 1 is at least once: a message in flight when the broker stopped may arrive twice.
     received = sorted({json.dumps(m, sort_keys=True) for _, m in subscriber.messages})
     assert received == _as_sent(events)
+
+
+def test_unreachable_broker_never_blocks_the_run_and_is_counted(tmp_path: Path, tiny_bundle: Path) -> None:
+    out, nobody = tmp_path / "events.jsonl", _free_port()  # nothing listens there
+    args = ["--video", SAMPLE_VIDEO, "--bundle", tiny_bundle, "--out", out, "--max-frames", "40", "-q"]
+    start = time.monotonic()
+    proc = _cli([*args, "--mqtt", f"mqtt://127.0.0.1:{nobody}/fm"])
+    _, stderr = proc.communicate(timeout=120)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 0, stderr
+    events = read_events(out)
+    assert [e["event"] for e in events] == ["run_started", "track_started", "track_ended", "run_ended"]
+    assert events[-1]["mqtt"] == {
+        "published": 3,
+        "delivered": 0,
+        "undelivered": 3,
+        "dropped": 0,
+        "disconnects": 0,
+    }
+    assert "mqtt: 0 of 4 events delivered; 4 not delivered" in " ".join(stderr.split())
+    # The waits at the end are bounded (10 s for the events, 3 s for run_ended), on top of the run itself.
+    assert elapsed < 60

@@ -10,8 +10,10 @@ from urllib.parse import urlsplit
 
 import typer
 
-# How long the end of a run waits for the broker to acknowledge what is still queued.
+# How long the end of a run waits for the broker to acknowledge what is still queued (before run_ended),
+# and then for run_ended itself.
 MQTT_DRAIN_S = 10.0
+MQTT_LAST_S = 3.0
 
 MetricsPort = Annotated[
     int | None,
@@ -78,7 +80,7 @@ def integrations(
             say(f"mqtt: {target.host}:{target.port} topics {target.prefix}/{sink.source}/<event>")
 
             def report_end() -> None:
-                done = sink.close(timeout_s=MQTT_DRAIN_S)
+                done = sink.close(timeout_s=MQTT_LAST_S)
                 lost = f"; [yellow]{done['undelivered']} not delivered[/]" if done["undelivered"] else ""
                 say(f"mqtt: {done['delivered']} of {done['published'] + done['dropped']} events delivered{lost}")
 
