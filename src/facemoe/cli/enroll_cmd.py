@@ -27,8 +27,8 @@ from facemoe.preprocess import l2_normalize
 from facemoe.runtime.alignment import ALIGNED_SIZE
 from facemoe.runtime.backends import open_backend
 from facemoe.runtime.detection import RetinaFaceDetector
+from facemoe.runtime.face_encoder import FaceEncoder
 from facemoe.runtime.gallery import GALLERY_FORMAT, GALLERY_VERSION, Gallery, model_fingerprint
-from facemoe.runtime.pipeline import FaceEncoder
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
