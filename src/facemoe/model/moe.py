@@ -37,9 +37,11 @@ ROUTING_MODES: tuple[str, ...] = ("sparse", "static")
 # How the block is expressed in an exported graph: standard ONNX ops, or one facemoe::SparseMoE node.
 GatingMode = Literal["onnx", "plugin"]
 GATING_MODES: tuple[str, ...] = ("onnx", "plugin")
-# What computes the block in PyTorch: the module's own ops, or the sparse Triton kernels (inference only).
-MoEKernel = Literal["torch", "triton"]
-MOE_KERNELS: tuple[str, ...] = ("torch", "triton")
+# What computes the block in PyTorch (inference only but "torch"): the module's own ops, the sparse Triton
+# kernels, or PyTorch's grouped GEMM over the routed tokens in the input's dtype or in bf16 (the dtype torch
+# 2.11's CUDA grouped GEMM takes); the grouped paths route with the module's own router (docs/GATING_OP.md).
+MoEKernel = Literal["torch", "triton", "grouped", "grouped_bf16"]
+MOE_KERNELS: tuple[str, ...] = ("torch", "triton", "grouped", "grouped_bf16")
 # Measured on an H200 (fp16, compiled, docs/BENCHMARKS.md): the packed path is faster at batch 1-8
 # (1.79 vs 2.35 ms; 2.97 vs 3.21 ms) and slower at batch 256 (55.5 vs 52.6 ms), where the per-expert GEMMs
 # win; batch 8 of the first stage is 3,200 tokens.
@@ -127,7 +129,7 @@ class MoE(nn.Module):
         # (fc1 weight (N*H, C), fc1 bias (N*H), fc2 weight (N, C, H), fc2 bias (N, C)); see pack_experts.
         self._packed: tuple[torch.Tensor, ...] | None = None
         self._packed_max_tokens = PACKED_MAX_TOKENS
-        # The Triton kernel's stacked weights, built at its first call per dtype and device.
+        # The kernel's stacked weights, built at its first call per dtype and device.
         self._kernel_weights: tuple[torch.Tensor, ...] | None = None
         if kernel != "torch":
             self._set_kernel(kernel)
@@ -183,7 +185,7 @@ class MoE(nn.Module):
 
     def _set_kernel(self, kernel: MoEKernel) -> None:
         _check_choice("kernel", kernel, MOE_KERNELS)
-        if kernel == "triton":
+        if kernel != "torch":
             problems = self.support_problems()
             if problems:
                 raise ValueError(f"cannot use the sparse MoE kernel: {'; '.join(problems)}")
@@ -214,9 +216,9 @@ class MoE(nn.Module):
 
     @contextlib.contextmanager
     def recording_routing(self) -> Iterator[list[torch.Tensor]]:
-        """Collect the (tokens, k) top-k expert indices of every forward inside the block (torch kernel only)."""
-        if self._kernel != "torch":
-            raise RuntimeError("routing is recorded by the torch kernel only; leave using_kernel('triton') first")
+        """Collect the (tokens, k) top-k expert indices of every forward inside the block (not the Triton kernel's)."""
+        if self._kernel == "triton":
+            raise RuntimeError("routing is recorded by the torch kernels only; leave using_kernel('triton') first")
         saved, self._routing_log = self._routing_log, []
         try:
             yield self._routing_log
@@ -283,7 +285,9 @@ class MoE(nn.Module):
         if self._kernel == "triton":
             return self._forward_kernel(flat).reshape(shape)
         logits = self.router(flat)
-        if self._routing == "sparse":
+        if self._kernel != "torch":
+            out, top_idx = self._forward_grouped(flat, logits)
+        elif self._routing == "sparse":
             out, top_idx = self._forward_sparse(flat, logits)
         else:
             out, top_idx = self._forward_static(flat, logits)
@@ -303,6 +307,18 @@ class MoE(nn.Module):
                 weights = (stacked[0].float(), *(t.to(flat.dtype).contiguous() for t in stacked[1:]))
             self._kernel_weights = weights
         return sparse_moe(flat, *weights, k=self.k)
+
+    def _forward_grouped(self, flat: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from facemoe.gating.grouped_mm import expert_weights, grouped_experts
+
+        dtype = torch.bfloat16 if self._kernel == "grouped_bf16" else flat.dtype
+        weights = self._kernel_weights
+        if weights is None or weights[0].dtype != dtype or weights[0].device != flat.device:
+            with torch.no_grad():
+                weights = expert_weights(*self.stacked_weights()[1:], dtype)
+            self._kernel_weights = weights
+        top_val, top_idx = torch.topk(logits, self.k, dim=-1)  # the reference's routing, bit for bit
+        return grouped_experts(flat, top_val, top_idx, *weights), top_idx
 
     def _forward_static(self, flat: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gates, top_idx = self.gate_matrix(logits)

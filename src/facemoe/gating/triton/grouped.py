@@ -102,7 +102,9 @@ def _grouped_fc2_kernel(
     dim,
     hidden,
     NUM_EXPERTS: tl.constexpr,
+    K: tl.constexpr,
     IEEE: tl.constexpr,
+    ADD_INTO_OUTPUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -133,7 +135,14 @@ def _grouped_fc2_kernel(
     gate = tl.load(val_ptr + assignment, mask=valid, other=0.0)
     acc = acc * gate[:, None]
     safe = tl.where(valid, assignment, 0).to(tl.int64)
-    tl.store(y_ptr + safe[:, None] * dim + cols[None, :], acc, mask=valid[:, None] & col_ok[None, :])
+    if ADD_INTO_OUTPUT:
+        # The top-k sum in the epilogue: each term added atomically into the zeroed (T, C) output (in its
+        # dtype); with k <= 2 the order of the adds cannot change the result (0 + a + b == 0 + b + a).
+        token = safe // K
+        out = y_ptr + token[:, None] * dim + cols[None, :]
+        tl.atomic_add(out, acc.to(y_ptr.dtype.element_ty), mask=valid[:, None] & col_ok[None, :], sem="relaxed")
+    else:
+        tl.store(y_ptr + safe[:, None] * dim + cols[None, :], acc, mask=valid[:, None] & col_ok[None, :])
 
 
 def group_by_expert(idx: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,8 +180,14 @@ def sparse_moe(
     *,
     k: int,
     config: KernelConfig | None = None,
+    add_into_output: bool = False,
 ) -> torch.Tensor:
-    """``facemoe::SparseMoE`` on (T, C) tokens; weights as in docs/GATING_OP.md; output in ``x``'s dtype."""
+    """``facemoe::SparseMoE`` on (T, C) tokens; weights as in docs/GATING_OP.md; output in ``x``'s dtype.
+
+    ``add_into_output``: fc2's epilogue adds each weighted term atomically into the output (no fp32 (T, k, C)
+    buffer and no separate sum; each term is rounded to ``x``'s dtype before the add). Off by default until a
+    GPU measurement says it wins (benchmarks/gpu_moe.py).
+    """
     tokens, dim = x.shape
     num_experts, hidden, _ = w1.shape
     problems = plugin_support_problems(dim, hidden, num_experts, k)
@@ -210,7 +225,10 @@ def sparse_moe(
         BLOCK_K=cfg.block_k,
         **launch,
     )
-    y = torch.empty(assignments, dim, dtype=torch.float32, device=x.device)
+    if add_into_output:
+        y = torch.zeros(tokens, dim, dtype=x.dtype, device=x.device)
+    else:
+        y = torch.empty(assignments, dim, dtype=torch.float32, device=x.device)
     _grouped_fc2_kernel[(tiles, triton.cdiv(dim, cfg.block_n))](
         h,
         w2,
@@ -223,12 +241,16 @@ def sparse_moe(
         dim,
         hidden,
         NUM_EXPERTS=num_experts,
+        K=k,
         IEEE=ieee,
+        ADD_INTO_OUTPUT=add_into_output,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         **launch,
     )
+    if add_into_output:
+        return y
     return y.view(tokens, k, dim).sum(dim=1).to(x.dtype)
 
 
