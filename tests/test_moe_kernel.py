@@ -181,3 +181,20 @@ def test_aot_kernel_compiles_to_hopper_ptx():
     # 6 inputs, the token count, the output: Triton's hidden scratch pointers must be gone.
     assert name == "_fused_token_tile_kernel" and int(params) == 8
     assert int(threads) % 32 == 0 and int(shared) <= 48 * 1024
+
+
+@pytest.mark.parametrize(
+    ("tokens", "dim", "hidden", "num_experts", "k", "dtype"),
+    [(1, 32, 64, 3, 2, torch.float32), (97, 64, 256, 3, 2, torch.float16), (61, 48, 96, 5, 1, torch.float32)],
+)
+def test_fc2_epilogue_adds_into_the_output(tokens, dim, hidden, num_experts, k, dtype):
+    """The top-k sum fused into fc2 (atomic adds into the output): same tolerances as the two-step sum."""
+    moe = _moe(dim, hidden, num_experts, k, seed=tokens + dim)
+    x = torch.randn(tokens, dim, generator=torch.Generator().manual_seed(tokens))
+    _, want = _run(moe, x, dtype)
+    router, w1, b1, w2, b2 = moe.stacked_weights()
+    dev = [t.detach().to(DEVICE) for t in (router, w1.to(dtype), b1.to(dtype), w2.to(dtype), b2.to(dtype))]
+    got = smt.sparse_moe(x.to(dtype).to(DEVICE), *dev, k=k, add_into_output=True)
+    assert got.dtype == dtype
+    tolerance = 2e-6 if dtype == torch.float32 else 2e-3
+    assert (got.float().cpu() - want).abs().max().item() <= tolerance * want.abs().max().item()

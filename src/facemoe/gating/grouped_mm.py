@@ -61,11 +61,11 @@ def expert_weights(
     return w1.transpose(1, 2), b1, w2.transpose(1, 2), b2
 
 
-def per_group_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def per_group_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Same math as the grouped GEMM, one matmul per group (a host sync: for tests and as the CPU check)."""
     out = a.new_zeros(a.shape[0], b.shape[-1])
     start = 0
-    for group, end in enumerate(offsets.tolist()):
+    for group, end in enumerate(offs.tolist()):
         if end > start:
             out[start:end] = a[start:end] @ b[group]
         start = end
