@@ -218,7 +218,9 @@ class MoE(nn.Module):
     def recording_routing(self) -> Iterator[list[torch.Tensor]]:
         """Collect the (tokens, k) top-k expert indices of every forward inside the block (not the Triton kernel's)."""
         if self._kernel == "triton":
-            raise RuntimeError("routing is recorded by the torch kernel only (and the grouped ones); leave using_kernel('triton') first")
+            raise RuntimeError(
+                "routing is recorded by the torch kernel only (and the grouped ones); leave using_kernel('triton') first"
+            )
         saved, self._routing_log = self._routing_log, []
         try:
             yield self._routing_log
