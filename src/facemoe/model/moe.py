@@ -219,7 +219,7 @@ class MoE(nn.Module):
         """Collect the (tokens, k) top-k expert indices of every forward inside the block (not the Triton kernel's)."""
         if self._kernel == "triton":
             raise RuntimeError(
-                "routing is recorded by the torch kernel only (and the grouped ones); leave using_kernel('triton') first"
+                "routing is recorded by the torch kernel only (and the grouped ones), not the Triton one"
             )
         saved, self._routing_log = self._routing_log, []
         try:
