@@ -7,6 +7,8 @@
 #                                   `facemoe bench --compile --half all` rows
 #   2. benchmarks/moe_kernel_gpu.py Triton sparse-MoE kernels: correctness sweep, per-block and whole-model timing
 #   3. pytest -m gpu                the CUDA tests that CI skips, and the kernel tests on real hardware
+#   4. benchmarks/gpu_moe.py        top-2 expert compute: dense vs Triton vs PyTorch grouped GEMM (per block,
+#                                   whole model, accuracy, bench rows); only when PARTS names it (gpu_moe)
 #
 # Each part has its own time limit (580 s in all) so the summary and the logs are written before the call's
 # 600 s limit. On an H200 (2026-11-28) the script took 182 s before the compiled rows were added; compiling
@@ -15,6 +17,8 @@
 # moe_kernel.{json,md}, logs.tgz (every log and the environment). Prints both Markdown reports last.
 #
 #   OUT=/tmp/out bash benchmarks/gpu_session.sh          # T_CHECK, T_KERNEL, T_TESTS override the limits (s)
+#   PARTS=gpu_moe OUT=/tmp/out bash benchmarks/gpu_session.sh   # only the expert-compute run (T_MOE, 420 s):
+#                                   gpu_moe.{json,md}, bench_moe.json, logs.tgz (within the 8 files)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_session_out}"
@@ -44,13 +48,17 @@ part() {  # part NAME LIMIT_S COMMAND...: run with a limit, log to $LOGS/NAME.lo
   [ "$rc" -eq 0 ] || tail -n 15 "$LOGS/$name.log"
 }
 
-part gpu_check "${T_CHECK:-330}" "$PY" benchmarks/gpu_check.py --out "$OUT"
-part moe_kernel "${T_KERNEL:-150}" "$PY" benchmarks/moe_kernel_gpu.py --out "$OUT" --iters 10
-part pytest_gpu "${T_TESTS:-100}" "$PY" -m pytest -q -p no:cacheprovider -m "gpu or not slow" \
+PARTS="${PARTS:-gpu_check moe_kernel pytest_gpu}"
+want() { [[ " $PARTS " == *" $1 "* ]]; }
+
+want gpu_moe && part gpu_moe "${T_MOE:-420}" "$PY" benchmarks/gpu_moe.py --out "$OUT"
+want gpu_check && part gpu_check "${T_CHECK:-330}" "$PY" benchmarks/gpu_check.py --out "$OUT"
+want moe_kernel && part moe_kernel "${T_KERNEL:-150}" "$PY" benchmarks/moe_kernel_gpu.py --out "$OUT" --iters 10
+want pytest_gpu && part pytest_gpu "${T_TESTS:-100}" "$PY" -m pytest -q -p no:cacheprovider -m "gpu or not slow" \
   tests/test_moe_kernel.py tests/test_backends.py::test_torch_cuda_fp16_graphs_match_eager \
   tests/test_backends.py::test_torch_cuda_compiled_whole_fp16_matches_eager tests/test_model.py::test_cuda_fp16_and_autocast
-grep -E "passed|failed|error" "$LOGS/pytest_gpu.log" | tail -n 3
+[ -f "$LOGS/pytest_gpu.log" ] && grep -E "passed|failed|error" "$LOGS/pytest_gpu.log" | tail -n 3
 
-for report in gpu_check.md moe_kernel.md; do
+for report in gpu_check.md moe_kernel.md gpu_moe.md; do
   [ -f "$OUT/$report" ] && cat "$OUT/$report"
 done
