@@ -49,6 +49,7 @@ from facemoe.gating import triton as smt
 from facemoe.gating.grouped_mm import grouped_mm_function
 from facemoe.model import build_model
 from facemoe.model.random_weights import randomize
+from facemoe.model.swin import FaceMoE
 
 KERNELS = ("torch", "triton", "grouped", "grouped_bf16")  # "torch": the dense static path
 TARGET_LARGE = 1.25
@@ -228,9 +229,8 @@ def bench(args: argparse.Namespace, model: Any, probe: dict[str, str], out: Path
     for kernel in KERNELS:
         if not usable(kernel, probe, precision):
             continue
-        built = copy.deepcopy(model)
-        for _, moe in built.moe_layers():
-            moe._set_kernel(kernel)  # what FaceMoE(..., kernel=kernel) does; the backend keeps it
+        built = FaceMoE(model.config, kernel=kernel)  # the backend keeps the model's kernel
+        built.load_state_dict(model.state_dict())
         config = BenchConfig(
             backends=("torch",),
             precisions=(precision,),
