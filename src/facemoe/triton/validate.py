@@ -168,6 +168,12 @@ def _check_versions(config: LoadedConfig, problems: list[str]) -> None:
         problems.append(f"{config.path}: version {latest.name} has no {filename}")
 
 
+def _compatible(a: tuple[str, list[int]], b: tuple[str, list[int]]) -> bool:
+    """Same data type and dims, where -1 (a variable size) matches any size."""
+    same_rank = len(a[1]) == len(b[1])
+    return a[0] == b[0] and same_rank and all(x == y or -1 in (x, y) for x, y in zip(a[1], b[1], strict=False))
+
+
 def _check_ensemble(config: LoadedConfig, models: dict[str, LoadedConfig], problems: list[str]) -> None:
     where = str(config.path)
     available = dict(config.inputs)  # ensemble tensor name -> (type, dims)
@@ -209,14 +215,14 @@ def _check_ensemble(config: LoadedConfig, models: dict[str, LoadedConfig], probl
             )
         elif model_name in models and key in models[model_name].inputs:
             want, got = models[model_name].inputs[key], available[value]
-            if want[0] != got[0] or want[1] != got[1]:
+            if not _compatible(want, got):
                 problems.append(
                     f"{where}: {value!r} is {got[0]} {got[1]} but {model_name} input {key} wants {want[0]} {want[1]}"
                 )
     for name, spec in config.outputs.items():
         if name not in available or name in config.inputs:
             problems.append(f"{where}: ensemble output {name!r} is produced by no step")
-        elif available[name] != spec:
+        elif not _compatible(available[name], spec):
             problems.append(f"{where}: ensemble output {name!r} is {available[name]} but declared {spec}")
 
 
