@@ -163,8 +163,7 @@ class _Parser:
         if colon:
             token = self.take(f"a value for {name.text}")
         if token.text == "[":
-            for value in self.list_values(name.text):
-                msg.add(name.text, value)
+            msg.add_list(name.text, self.list_values(name.text))
         elif token.text in ("{", "<"):
             msg.add(name.text, self.message("}" if token.text == "{" else ">"))
         elif colon:
