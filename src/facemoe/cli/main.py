@@ -171,6 +171,7 @@ _mount("facemoe.cli.run_cmd", "run", "run")
 _mount("facemoe.cli.enroll_cmd", "enroll", "enroll")
 _mount("facemoe.cli.bench_cmd", "bench", "bench")
 _mount("facemoe.cli.engine_cmd", "build_engine", "build-engine")
+_mount("facemoe.cli.triton_cmd", "triton_repo", "triton-repo")
 
 
 def main() -> None:
