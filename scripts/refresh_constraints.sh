@@ -8,7 +8,9 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 python3 -m venv "$tmp/venv"
 "$tmp/venv/bin/python" -m pip install -q --upgrade pip
-"$tmp/venv/bin/python" -m pip install -q -e '.[export,dev]'
+"$tmp/venv/bin/python" -m pip install -q -e '.[export,dev,serve]'
+# The Triton server wheel is installed --no-deps (.ci/run, README.md "Serving on Triton"); pinned here too.
+"$tmp/venv/bin/python" -m pip install -q --no-deps nvidia-pytriton
 # .ci/run installs the TensorRT stubs on their own (--no-deps); pin them here all the same.
 "$tmp/venv/bin/python" -m pip install -q --no-deps tensorrt-stubs
 {

@@ -166,6 +166,7 @@ def _mount(module: str, attr: str, name: str) -> None:
     app.command(name=name)(func)
 
 
+_mount("facemoe.cli.serve_cmd", "serve", "serve")
 _mount("facemoe.cli.export_cmd", "export", "export")
 _mount("facemoe.cli.run_cmd", "run", "run")
 _mount("facemoe.cli.enroll_cmd", "enroll", "enroll")

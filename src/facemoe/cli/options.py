@@ -69,6 +69,7 @@ class RuntimeBackend(str, enum.Enum):
     tensorrt = "tensorrt"
     onnxruntime = "onnxruntime"
     torch = "torch"
+    triton = "triton"
 
 
 def _one_line(exc: UsageError) -> None:

@@ -20,6 +20,7 @@ from rich.live import Live
 from rich.markup import escape
 
 from facemoe.cli import run_integrations as ri
+from facemoe.cli import run_triton as rt
 from facemoe.cli.common import EXIT_INTERRUPTED, EXIT_USER_ERROR, OverwriteOption, console, user_errors
 from facemoe.cli.options import OneLineErrors, Precision, RuntimeBackend, VersionOption
 from facemoe.cli.run_audit import (
@@ -179,6 +180,9 @@ def run(
     mqtt_password: ri.MqttPassword = None,
     mqtt_tls: ri.MqttTls = False,
     mqtt_ca: ri.MqttCa = None,
+    triton_url: rt.TritonUrl = None,
+    triton_model: rt.TritonModel = rt.DEFAULT_MODEL,
+    triton_timeout: rt.TritonTimeout = 10.0,
     version: Annotated[bool, VersionOption] = False,
 ) -> None:
     """Detect, track and recognise faces in a video; write events (and optionally an annotated video).
@@ -248,7 +252,14 @@ def run(
         wanted = precision.value if precision is not None else None
         if wanted is not None:  # refused before the model is loaded
             check_parity(loaded, wanted, allow_failed_parity)
-        engine = open_backend(loaded, backend.value, wanted, max_batch=max_batch, threads=threads)
+        engine = open_backend(
+            loaded,
+            backend.value,
+            wanted,
+            max_batch=max_batch,
+            threads=threads,
+            **rt.triton_options(backend.value, triton_url, triton_model, triton_timeout),
+        )
         stack.callback(engine.close)
         parity_warning = check_parity(loaded, engine.precision, allow_failed_parity)  # also what auto chose
         warnings = [parity_warning] if parity_warning is not None else []

@@ -29,6 +29,22 @@ def _use_paths(config):
         sys.path.insert(0, path)
 
 
+def _use_paths_early():
+    # The stub imports numpy between loading this file and initialize(): the paths (a numpy<2 first, see
+    # facemoe.triton.server) must be in place now, so they are read from the config file beside us.
+    import os
+    import re
+
+    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config.pbtxt")
+    with open(config) as handle:
+        found = re.search(r'key:\\s*"{parameter}"\\s*value\\s*{{\\s*string_value:\\s*"([^"]*)"', handle.read())
+    if found:
+        _use_paths({{"parameters": {{"{parameter}": {{"string_value": found.group(1)}}}}}})
+
+
+_use_paths_early()
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])

@@ -24,7 +24,9 @@ from facemoe.bundle import Bundle
 from facemoe.errors import FaceMoEError
 from facemoe.runtime.backends.base import Backend, BackendUnavailable
 
-BACKEND_NAMES = ("auto", "tensorrt", "onnxruntime", "torch")
+# "triton" (a remote Triton Inference Server, runtime/backends/triton_backend.py) only when asked for: auto
+# never sends faces off the box.
+BACKEND_NAMES = ("auto", "tensorrt", "onnxruntime", "torch", "triton")
 PRECISION_ORDER = ("int8", "fp16", "fp32")  # fastest first
 
 Report = Callable[[str], None]
@@ -147,6 +149,10 @@ def _open_one(
         return TorchBackend.from_bundle(
             bundle, precision or default, max_batch, device=device, threads=threads, **options
         )
+    if name == "triton":
+        from facemoe.runtime.backends.triton_backend import TritonBackend
+
+        return TritonBackend.from_bundle(bundle, precision, max_batch, device=device, threads=threads, **options)
     raise FaceMoEError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
 
 
