@@ -1,4 +1,4 @@
-"""``facemoe-run --backend triton``'s options (docs/SCALE_OUT_MEASURED.md#getting-the-server), kept out of run_cmd."""
+"""``facemoe-run --backend triton``'s options (docs/SCALE_OUT.md#getting-the-server), kept out of run_cmd."""
 
 from __future__ import annotations
 

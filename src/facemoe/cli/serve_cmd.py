@@ -2,7 +2,7 @@
 
 The serve repository (facemoe.triton.serve) runs the bundle on facemoe's own backends inside Triton's
 Python backend, with dynamic batching; clients are ``facemoe-run --backend triton`` or any Triton client
-(docs/SCALE_OUT_MEASURED.md#getting-the-server). SIGINT or SIGTERM stops the server cleanly (exit 0).
+(docs/SCALE_OUT.md#getting-the-server). SIGINT or SIGTERM stops the server cleanly (exit 0).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 ``tritonclient`` (the ``serve`` extra) is imported only when a client is made. Transport failures (server
 down, connection reset, deadline passed) are retried with exponential back-off, a few times at most; a
 request the server refuses (bad shape, unknown model) is not. Every failure ends in one line naming the URL
-(docs/SCALE_OUT_MEASURED.md#getting-the-server).
+(docs/SCALE_OUT.md#getting-the-server).
 """
 
 from __future__ import annotations

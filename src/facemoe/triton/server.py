@@ -2,7 +2,7 @@
 
 The server is a system ``tritonserver`` on ``PATH`` when there is one, else the one the ``nvidia-pytriton``
 wheel carries (installed ``--no-deps``: only its binary, libraries and Python-backend stubs are used, never
-PyTriton's Python API) (docs/SCALE_OUT_MEASURED.md#getting-the-server). What the wheel's server needs, learnt the
+PyTriton's Python API) (docs/SCALE_OUT.md#getting-the-server). What the wheel's server needs, learnt the
 hard way:
 
 * its Python-backend stub embeds ``libpython``: the stub for this interpreter's version is linked into a

@@ -3,7 +3,7 @@
 The local bundle stays the source of truth: pre-processing, embedding size and the gallery fingerprint come
 from it, and before the first face is sent the served model's ``facemoe_manifest_sha256`` parameter must
 equal the local ``manifest.json``'s hash (a server serving another export would give embeddings from another
-space without any error) (docs/SCALE_OUT_MEASURED.md#getting-the-server). The live audit's ``onnx``
+space without any error) (docs/SCALE_OUT.md#getting-the-server). The live audit's ``onnx``
 reference is the local fp32 ONNX, so the served embeddings are checked against this box's own copy.
 
 Models taking pre-processed float faces (``facemoe_embedder``) serve ``embed``; models taking aligned uint8
