@@ -107,3 +107,26 @@ def test_loaded_package_matches_eager(built):
         got, want = runner(x), model(x)
     cosine = torch.nn.functional.cosine_similarity(got, want).min().item()
     assert cosine > 1 - 1e-4 and (got - want).abs().max().item() < 1e-3
+
+
+def test_torch_backend_loads_stored_package_or_falls_back_saying_why(built, tmp_path):
+    from facemoe.runtime.backends.select import open_backend
+
+    root, path, _ = built
+    x = np.random.default_rng(1).standard_normal((3, 3, 120, 120)).astype(np.float32)
+    with open_backend(root, "torch", max_batch=8, device="cpu") as backend:
+        assert backend.package_path == path and backend.package_load_s < 5.0
+        assert f"stored package {path.name}" in backend.selection
+        stored = backend.embed(x)
+    copy = tmp_path / "bundle"
+    shutil.copytree(root, copy)
+    sidecar = copy / "engines" / (path.name + ".json")
+    data = json.loads(sidecar.read_text())
+    data["identity"]["torch_version"] = "2.13.0"
+    sidecar.write_text(json.dumps(data))
+    with open_backend(copy, "torch", max_batch=8, device="cpu") as backend:
+        assert backend.package_path is None
+        assert "stored package not used" in backend.selection and "compiled with torch 2.13" in backend.selection
+        eager = backend.embed(x)
+    dots = (stored * eager).sum(1) / np.linalg.norm(stored, axis=1) / np.linalg.norm(eager, axis=1)
+    assert dots.min() > 1 - 1e-4
