@@ -130,3 +130,19 @@ def test_torch_backend_loads_stored_package_or_falls_back_saying_why(built, tmp_
         eager = backend.embed(x)
     dots = (stored * eager).sum(1) / np.linalg.norm(stored, axis=1) / np.linalg.norm(eager, axis=1)
     assert dots.min() > 1 - 1e-4
+
+
+def test_build_engine_cli_torch(built):
+    from typer.testing import CliRunner
+
+    from facemoe.cli.engine_cmd import app
+
+    root, path, _ = built
+    runner = CliRunner()
+    result = runner.invoke(app, [str(root), "--backend", "torch", "--torch-device", "cpu", "--batch-sizes", "1,8"])
+    assert result.exit_code == 0, result.output
+    assert "reused" in result.output and path.name in result.output.replace("\n", "")
+    bad = runner.invoke(app, [str(root), "--backend", "torch", "--batch-sizes", "1,x"])
+    assert bad.exit_code != 0 and "--batch-sizes" in bad.output
+    bad = runner.invoke(app, [str(root), "--backend", "onnx"])
+    assert bad.exit_code != 0 and "choose tensorrt or torch" in bad.output
