@@ -146,3 +146,18 @@ def test_build_engine_cli_torch(built):
     assert bad.exit_code != 0 and "--batch-sizes" in bad.output
     bad = runner.invoke(app, [str(root), "--backend", "onnx"])
     assert bad.exit_code != 0 and "choose tensorrt or torch" in bad.output
+
+
+def test_bench_torch_rows_use_the_stored_package(built, tmp_path):
+    from typer.testing import CliRunner
+
+    from facemoe.cli.bench_cmd import app
+
+    root, _, _ = built
+    out = tmp_path / "bench.json"
+    args = ["--bundle", str(root), "--backend", "torch", "--precision", "fp32", "--batch", "1,4", "--device", "cpu"]
+    result = CliRunner().invoke(app, [*args, "--iterations", "2", "--warmup", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 4] and all(r["status"] == "ok" for r in rows)
+    assert all("stored package loaded in" in r["note"] for r in rows)
