@@ -15,7 +15,10 @@
 # Writes into $OUT (at most 8 files come back from the device): gpu_check.{json,md}, bench{,_compiled}.json,
 # moe_kernel.{json,md}, gpu_attention.json, logs.tgz (every log and the environment). Prints both Markdown reports last.
 #
-#   OUT=/tmp/out bash benchmarks/gpu_session.sh          # T_CHECK, T_KERNEL, T_TESTS override the limits (s)
+#   OUT=/tmp/out bash benchmarks/gpu_session.sh          # T_CHECK, T_KERNEL, T_ATTN, T_TESTS: limits (s)
+#   OUT=/tmp/out PARTS=packages bash benchmarks/gpu_session.sh   # stored compiled packages alone (one call):
+#     benchmarks/gpu_packages.py: compile time, load time in a fresh process, bench rows 1/8/64/256 loading the
+#     package (bench_package.json), cosine vs the fp32 CPU reference and routing agreement -> gpu_packages.json
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_session_out}"
@@ -45,13 +48,19 @@ part() {  # part NAME LIMIT_S COMMAND...: run with a limit, log to $LOGS/NAME.lo
   [ "$rc" -eq 0 ] || tail -n 15 "$LOGS/$name.log"
 }
 
-part gpu_check "${T_CHECK:-280}" "$PY" benchmarks/gpu_check.py --out "$OUT"
-part moe_kernel "${T_KERNEL:-150}" "$PY" benchmarks/moe_kernel_gpu.py --out "$OUT" --iters 10
-part attention "${T_ATTN:-50}" "$PY" benchmarks/gpu_attention.py --out "$OUT" --batch 1,8,64,256 --iters 10
-part pytest_gpu "${T_TESTS:-100}" "$PY" -m pytest -q -p no:cacheprovider -m "gpu or not slow" \
+want() { [[ " ${PARTS:-check kernel attention tests} " == *" $1 "* ]]; }
+
+if [[ " ${PARTS:-} " == *" packages "* ]]; then  # a call of its own: compiling the full model takes minutes
+  part packages "${T_PACKAGES:-540}" "$PY" benchmarks/gpu_packages.py --out "$OUT" --batch 1,8,64,256
+  cat "$OUT/gpu_packages.json" 2>/dev/null
+fi
+want check && part gpu_check "${T_CHECK:-280}" "$PY" benchmarks/gpu_check.py --out "$OUT"
+want kernel && part moe_kernel "${T_KERNEL:-150}" "$PY" benchmarks/moe_kernel_gpu.py --out "$OUT" --iters 10
+want attention && part attention "${T_ATTN:-50}" "$PY" benchmarks/gpu_attention.py --out "$OUT" --batch 1,8,64,256 --iters 10
+want tests && part pytest_gpu "${T_TESTS:-100}" "$PY" -m pytest -q -p no:cacheprovider -m "gpu or not slow" \
   tests/test_moe_kernel.py tests/test_backends.py::test_torch_cuda_fp16_graphs_match_eager \
   tests/test_backends.py::test_torch_cuda_compiled_whole_fp16_matches_eager tests/test_model.py::test_cuda_fp16_and_autocast
-grep -E "passed|failed|error" "$LOGS/pytest_gpu.log" | tail -n 3
+want tests && grep -E "passed|failed|error" "$LOGS/pytest_gpu.log" | tail -n 3
 
 for report in gpu_check.md moe_kernel.md; do
   [ -f "$OUT/$report" ] && cat "$OUT/$report"
