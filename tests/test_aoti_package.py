@@ -161,3 +161,26 @@ def test_bench_torch_rows_use_the_stored_package(built, tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["batch"] for r in rows] == [1, 4] and all(r["status"] == "ok" for r in rows)
     assert all("stored package loaded in" in r["note"] for r in rows)
+
+
+def test_prepare_backend_rebuild_reuses_a_fitting_package(built):
+    from facemoe.deploy import prepare_backend
+
+    root, path, _ = built
+    with prepare_backend(root, "torch", max_batch=8, device="cpu", rebuild=True) as backend:
+        assert backend.package_path == path
+
+
+def test_prepare_backend_rebuild_replaces_a_refused_package(built, tmp_path):
+    from facemoe.deploy import prepare_backend
+
+    root, path, _ = built
+    copy = tmp_path / "bundle"
+    shutil.copytree(root, copy)
+    sidecar = copy / "engines" / (path.name + ".json")
+    data = json.loads(sidecar.read_text())
+    data["identity"]["weights_sha256"] = "1" * 64
+    sidecar.write_text(json.dumps(data))
+    with prepare_backend(copy, "torch", max_batch=8, device="cpu", rebuild=True, log=lambda m: None) as backend:
+        assert backend.package_path is not None and "stored package" in backend.selection
+    assert json.loads(sidecar.read_text())["identity"]["weights_sha256"] == Bundle(copy).weights_fingerprint

@@ -45,7 +45,7 @@ def build_package(
     )
     engines = bundle.root / ENGINES_DIR
     path = engines / identity.file_name()
-    if path.exists() and not overwrite:
+    if path.exists() and not overwrite and _intact(path, here):
         log(f"reused {path} (same identity; --overwrite rebuilds it)")
         return path, identity
     start = time.perf_counter()
@@ -67,6 +67,20 @@ def build_package(
     bundle.record_engine(identity.manifest_entry(bundle.root, path, sha))
     log(f"built {path} in {identity.build_seconds} s")
     return path, identity
+
+
+def _intact(path: Path, here: PackageIdentity) -> bool:
+    """The stored package at ``path`` has a sidecar that fits ``here`` and the bytes it records."""
+    from facemoe.errors import BundleError, EngineMismatchError
+    from facemoe.runtime.engine_identity import read_sidecar, verify_engine_file
+    from facemoe.runtime.torch_package import compare
+
+    try:
+        recorded, digest = read_sidecar(path, PackageIdentity)
+        verify_engine_file(path, digest)
+    except (BundleError, EngineMismatchError):
+        return False
+    return not compare(recorded, here)
 
 
 def load_package(path: Path) -> tuple[object, float]:
