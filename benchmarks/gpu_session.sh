@@ -6,19 +6,23 @@
 #                                   rows (CUDA graphs on/off, sparse fp32 baseline), precision variants,
 #                                   `facemoe bench --compile --half all` rows
 #   2. benchmarks/moe_kernel_gpu.py Triton sparse-MoE kernels: correctness sweep, per-block and whole-model timing
-#   3. pytest -m gpu                the CUDA tests that CI skips, and the kernel tests on real hardware
-#   4. benchmarks/gpu_moe.py        top-2 expert compute: dense vs Triton vs PyTorch grouped GEMM (per block,
-#                                   whole model, accuracy, bench rows); only when PARTS names it (gpu_moe)
+#   3. benchmarks/gpu_attention.py  window attention modes (matmul / sdpa / flex, eager and compiled) per stage
+#   4. pytest -m gpu                the CUDA tests that CI skips, and the kernel tests on real hardware
+#   Calls of their own (PARTS=...): gpu_moe (benchmarks/gpu_moe.py: top-2 expert compute, dense vs Triton vs
+#   PyTorch grouped GEMM per block and whole model, accuracy, bench rows) and packages (stored compiled models).
 #
 # Each part has its own time limit (580 s in all) so the summary and the logs are written before the call's
 # 600 s limit. On an H200 (2026-11-28) the script took 182 s before the compiled rows were added; compiling
 # costs 25-30 s per batch size and variant (measured), so expect about twice that now.
 # Writes into $OUT (at most 8 files come back from the device): gpu_check.{json,md}, bench{,_compiled}.json,
-# moe_kernel.{json,md}, logs.tgz (every log and the environment). Prints both Markdown reports last.
+# moe_kernel.{json,md}, gpu_attention.json, logs.tgz (every log and the environment). Prints both Markdown reports last.
 #
-#   OUT=/tmp/out bash benchmarks/gpu_session.sh          # T_CHECK, T_KERNEL, T_TESTS override the limits (s)
+#   OUT=/tmp/out bash benchmarks/gpu_session.sh          # T_CHECK, T_KERNEL, T_ATTN, T_TESTS: limits (s)
 #   PARTS=gpu_moe OUT=/tmp/out bash benchmarks/gpu_session.sh   # only the expert-compute run (T_MOE, 420 s):
-#                                   gpu_moe.{json,md}, bench_moe.json, logs.tgz (within the 8 files)
+#     gpu_moe.{json,md}, bench_moe.json, logs.tgz (within the 8 files)
+#   OUT=/tmp/out PARTS=packages bash benchmarks/gpu_session.sh   # stored compiled packages alone (one call):
+#     benchmarks/gpu_packages.py: compile time, load time in a fresh process, bench rows 1/8/64/256 loading the
+#     package (bench_package.json), cosine vs the fp32 CPU reference and routing agreement -> gpu_packages.json
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_session_out}"
@@ -48,16 +52,21 @@ part() {  # part NAME LIMIT_S COMMAND...: run with a limit, log to $LOGS/NAME.lo
   [ "$rc" -eq 0 ] || tail -n 15 "$LOGS/$name.log"
 }
 
-PARTS="${PARTS:-gpu_check moe_kernel pytest_gpu}"
+PARTS="${PARTS:-check kernel attention tests}"
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 
+if want packages; then  # a call of its own: compiling the full model takes minutes
+  part packages "${T_PACKAGES:-540}" "$PY" benchmarks/gpu_packages.py --out "$OUT" --batch 1,8,64,256
+  cat "$OUT/gpu_packages.json" 2>/dev/null
+fi
 want gpu_moe && part gpu_moe "${T_MOE:-420}" "$PY" benchmarks/gpu_moe.py --out "$OUT"
-want gpu_check && part gpu_check "${T_CHECK:-330}" "$PY" benchmarks/gpu_check.py --out "$OUT"
-want moe_kernel && part moe_kernel "${T_KERNEL:-150}" "$PY" benchmarks/moe_kernel_gpu.py --out "$OUT" --iters 10
-want pytest_gpu && part pytest_gpu "${T_TESTS:-100}" "$PY" -m pytest -q -p no:cacheprovider -m "gpu or not slow" \
+want check && part gpu_check "${T_CHECK:-280}" "$PY" benchmarks/gpu_check.py --out "$OUT"
+want kernel && part moe_kernel "${T_KERNEL:-150}" "$PY" benchmarks/moe_kernel_gpu.py --out "$OUT" --iters 10
+want attention && part attention "${T_ATTN:-50}" "$PY" benchmarks/gpu_attention.py --out "$OUT" --batch 1,8,64,256 --iters 10
+want tests && part pytest_gpu "${T_TESTS:-100}" "$PY" -m pytest -q -p no:cacheprovider -m "gpu or not slow" \
   tests/test_moe_kernel.py tests/test_backends.py::test_torch_cuda_fp16_graphs_match_eager \
   tests/test_backends.py::test_torch_cuda_compiled_whole_fp16_matches_eager tests/test_model.py::test_cuda_fp16_and_autocast
-[ -f "$LOGS/pytest_gpu.log" ] && grep -E "passed|failed|error" "$LOGS/pytest_gpu.log" | tail -n 3
+want tests && [ -f "$LOGS/pytest_gpu.log" ] && grep -E "passed|failed|error" "$LOGS/pytest_gpu.log" | tail -n 3
 
 for report in gpu_check.md moe_kernel.md gpu_moe.md; do
   [ -f "$OUT/$report" ] && cat "$OUT/$report"

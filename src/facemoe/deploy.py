@@ -63,12 +63,15 @@ def prepare_backend(
 ) -> Backend:
     """:func:`open_backend`, and with ``rebuild`` a missing or mismatched TensorRT engine is built first.
 
+    With ``backend="torch"``, ``rebuild`` compiles and stores the bundle's torch package when none fits.
     ``rebuild`` applies to ``tensorrt`` and ``auto``: the engine is built for ``precision`` (by default the
     fastest one that passed parity) and opened. With ``auto``, a machine where TensorRT cannot run at all
     (not installed, no GPU) falls back as :func:`open_backend` does; a failed build is an error.
     """
     if not isinstance(bundle, Bundle):
         bundle = Bundle(bundle)
+    if rebuild and backend == "torch":
+        return _prepare_torch(bundle, precision, max_batch, threads, report, device, log, options)
     if not rebuild or backend not in ("auto", "tensorrt"):
         return open_backend(bundle, backend, precision, max_batch, threads, report, device=device, **options)
     wanted = precision or engine_precision(bundle)
@@ -85,6 +88,32 @@ def prepare_backend(
     build_for_backend(bundle, wanted, max_batch, device=device, plugin_libraries=libraries, log=log)
     # Read the manifest again: the build recorded the new engine in the bundle's manifest.json.
     return open_backend(Bundle(bundle.root), *args[1:], device=device, **options)
+
+
+def _prepare_torch(
+    bundle: Bundle,
+    precision: str | None,
+    max_batch: int,
+    threads: int | None,
+    report: Report | None,
+    device: str | None,
+    log: Callable[[str], None],
+    options: dict[str, Any],
+) -> Backend:
+    """The torch backend, compiling and storing its package first when none in the bundle fits
+    (docs/COMPILED.md#stored-compiled-packages)."""
+    opened = open_backend(bundle, "torch", precision, max_batch, threads, None, device=device, **options)
+    if getattr(opened, "package_path", None) is not None or getattr(opened, "routing", "") != "static":
+        if report is not None:
+            report(opened.selection)
+        return opened
+    from facemoe.export.aoti import build_package
+
+    where, chosen = opened.device, opened.precision
+    opened.close()
+    sizes = (*(b for b in (1, 8, 64, 256) if b < max_batch), max_batch)
+    build_package(bundle, device=where, precision=chosen, half=options.get("half", "gemm"), batch_sizes=sizes, log=log)
+    return open_backend(Bundle(bundle.root), "torch", chosen, max_batch, threads, report, device=where, **options)
 
 
 __all__ = ["build_for_backend", "prepare_backend"]

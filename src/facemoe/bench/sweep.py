@@ -133,7 +133,20 @@ def _open(name: str, precision: str, graphs: bool, max_batch: int, source: Bench
             # Loaded once for every torch row; TorchBackend converts a copy.
             source.model = load_reference_model(source.bundle, source.checkpoint)
         static = name == "torch"
-        return TorchBackend(
+        note = ""
+        if static and source.bundle is not None:
+            # A stored compiled package of the bundle runs as facemoe-run would run it (docs/COMPILED.md).
+            from facemoe.runtime.torch_package import KIND, PackageUnavailable, probe, select_package
+
+            device = _torch_device(config.device)
+            try:
+                here = probe(device, source.bundle, precision, config.torch_half, max_batch)
+                path, identity = select_package(source.bundle, here)
+                return TorchBackend._from_package(source.bundle, path, identity, device, max_batch, graphs)
+            except PackageUnavailable as exc:
+                if any(e.get("kind") == KIND for e in source.bundle.manifest.engines):
+                    note = f"stored package not used ({exc})"
+        backend = TorchBackend(
             source.model,
             precision=precision,
             device=_torch_device(config.device),
@@ -143,6 +156,8 @@ def _open(name: str, precision: str, graphs: bool, max_batch: int, source: Bench
             compile=config.torch_compile and static,
             half=config.torch_half,
         )
+        backend.package_note = note
+        return backend
     if source.bundle is None:
         raise BackendUnavailable(f"{name} runs a bundle and none was given")
     from facemoe.runtime.backends.select import open_backend

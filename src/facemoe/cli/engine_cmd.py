@@ -75,6 +75,15 @@ def build_engine(
     # The old name of --overwrite, kept working for existing scripts but no longer shown.
     force: Annotated[bool, typer.Option("--force", hidden=True, help="Old name of --overwrite.")] = False,
     device: Annotated[int, typer.Option(min=0, help="CUDA device index.")] = 0,
+    backend: Annotated[
+        str, typer.Option(help="tensorrt (an engine from the ONNX) or torch (an AOTInductor package).")
+    ] = "tensorrt",
+    torch_device: Annotated[
+        str, typer.Option("--torch-device", help="--backend torch: cuda or cpu (default: cuda when present).")
+    ] = "auto",
+    batch_sizes: Annotated[
+        str, typer.Option(help="--backend torch: batch buckets; the package serves 1..the largest.")
+    ] = "1,8,64,256",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show TensorRT's verbose log.")] = False,
 ) -> None:
     """Build the TensorRT engine for this GPU from the bundle's ONNX and record it in the manifest.
@@ -82,6 +91,11 @@ def build_engine(
     A matching engine already in the bundle is reused; --overwrite rebuilds and replaces it.
     """
     # All of this is checked before TensorRT is loaded or the GPU is probed.
+    if backend not in ("tensorrt", "torch"):
+        raise FaceMoEError(f"--backend {backend!r}: choose tensorrt or torch")
+    if backend == "torch":
+        _build_torch(bundle, precision, torch_device, batch_sizes, overwrite or force)
+        return
     if not min_batch <= opt_batch <= max_batch:
         raise FaceMoEError(
             f"batch profile must satisfy --min-batch <= --opt-batch <= --max-batch, got {min_batch}/{opt_batch}/"
@@ -134,6 +148,47 @@ def build_engine(
     )
     for note in built.notes:
         console.print(f"  {note}", highlight=False)
+
+
+def _build_torch(bundle: Path, precision: Precision | None, device: str, batch_sizes: str, overwrite: bool) -> None:
+    """Compile the bundle's PyTorch model into a stored package (docs/COMPILED.md#stored-compiled-packages)."""
+    if device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device):
+        raise FaceMoEError(f"--torch-device {device!r}: choose auto, cpu, cuda or cuda:N")
+    try:
+        sizes = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
+    except ValueError:
+        raise FaceMoEError(f"--batch-sizes {batch_sizes!r}: expected comma-separated integers") from None
+    if not sizes or min(sizes) < 1:
+        raise FaceMoEError(f"--batch-sizes {batch_sizes!r}: give batch sizes >= 1")
+    if precision is not None and precision.value == "int8":
+        raise FaceMoEError("--backend torch compiles fp32 or fp16, not int8")
+    loaded = Bundle(bundle)
+    _check_engines_dir(loaded.root / ENGINES_DIR)
+    from facemoe.extras import require_torch
+
+    require_torch("facemoe build-engine --backend torch")
+    import torch
+
+    from facemoe.export.aoti import build_package
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    chosen = precision.value if precision is not None else ("fp16" if device.startswith("cuda") else "fp32")
+    path, identity = build_package(
+        loaded,
+        device=device,
+        precision=chosen,
+        batch_sizes=sizes,
+        overwrite=overwrite,
+        log=lambda msg: console.print(msg, highlight=False),
+    )
+    out.print(f"[green]stored[/] {path}", highlight=False)
+    where = identity.compute_capability if identity.device_kind == "cuda" else f"CPU {identity.cpu_isa}"
+    out.print(
+        f"  {identity.precision} for {where} ({identity.device_name}), torch {identity.torch_version}, "
+        f"batch 1..{identity.max_batch}, key {identity.cache_key}",
+        highlight=False,
+    )
 
 
 def main() -> None:

@@ -16,14 +16,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from facemoe.model.attention import ATTENTION_MODES, AttentionMode, WindowAttention
 from facemoe.model.config import FaceMoEConfig
 from facemoe.model.moe import PACKED_MAX_TOKENS, GatingMode, MoE, MoEKernel, RoutingMode
-
-
-def relative_position_index(window: int) -> torch.Tensor:
-    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
-    rel = coords[:, :, None] - coords[:, None, :]
-    return (rel[0] + window - 1) * (2 * window - 1) + (rel[1] + window - 1)
 
 
 def shifted_window_mask(side: int, window: int, shift: int) -> torch.Tensor:
@@ -54,38 +49,6 @@ def window_reverse(windows: torch.Tensor, window: int, side: int) -> torch.Tenso
     n = side // window
     x = windows.reshape(-1, n, n, window, window, channels).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(-1, side, side, channels)
-
-
-class WindowAttention(nn.Module):
-    def __init__(self, dim: int, window: int, heads: int, qkv_bias: bool) -> None:
-        super().__init__()
-        self.dim = dim
-        self.window = window
-        self.heads = heads
-        self.head_dim = dim // heads
-        self.scale = self.head_dim**-0.5
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
-        self.register_buffer("relative_position_index", relative_position_index(window))
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    relative_position_index: torch.Tensor
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        tokens = self.window * self.window
-        qkv = self.qkv(x).reshape(-1, tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = (q * self.scale) @ k.transpose(-2, -1)
-        bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
-        bias = bias.reshape(tokens, tokens, self.heads).permute(2, 0, 1)
-        attn = attn + bias.unsqueeze(0).to(attn.dtype)
-        if mask is not None:
-            n_windows = mask.shape[0]
-            attn = attn.reshape(-1, n_windows, self.heads, tokens, tokens) + mask[None, :, None].to(attn.dtype)
-            attn = attn.reshape(-1, self.heads, tokens, tokens)
-        attn = attn.softmax(dim=-1)
-        out = (attn @ v).transpose(1, 2).reshape(-1, tokens, self.dim)
-        return self.proj(out)
 
 
 class SwinMoEBlock(nn.Module):
@@ -227,6 +190,32 @@ class FaceMoE(nn.Module):
             moe.set_routing(routing)
         return self
 
+    def attention_modules(self) -> list[WindowAttention]:
+        return [m for m in self.modules() if isinstance(m, WindowAttention)]
+
+    @property
+    def attention(self) -> str:
+        return self.attention_modules()[0].mode
+
+    def set_attention(self, mode: AttentionMode) -> FaceMoE:
+        """Compute every window attention as ``mode`` (docs/ARCHITECTURE.md#window-attention); same function."""
+        if mode not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, not {mode!r}")
+        for module in self.attention_modules():
+            module.set_mode(mode)
+        return self
+
+    @contextlib.contextmanager
+    def using_attention(self, mode: AttentionMode) -> Iterator[FaceMoE]:
+        """Run window attention as ``mode`` inside the block; the previous modes come back at the exit."""
+        saved = [(m, m.mode) for m in self.attention_modules()]
+        self.set_attention(mode)
+        try:
+            yield self
+        finally:
+            for module, previous in saved:
+                module.set_mode(previous)
+
     def set_k(self, k: int) -> FaceMoE:
         if not 1 <= k <= self.config.num_experts:
             raise ValueError(f"k={k} must be between 1 and num_experts={self.config.num_experts}")
@@ -288,7 +277,8 @@ class FaceMoE(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            with self._each_block("tracing", gating):
+            # The exported graph is always the explicit matmul attention (docs/COMPILED.md#attention-modes).
+            with self.using_attention("matmul"), self._each_block("tracing", gating):
                 yield self
         finally:
             self.train(was_training)

@@ -217,7 +217,7 @@ def write_sidecar(engine_path: str | Path, identity: EngineIdentity, engine_sha2
     return path
 
 
-def read_sidecar(engine_path: str | Path) -> tuple[EngineIdentity, str]:
+def read_sidecar(engine_path: str | Path, identity_type: Any = None) -> tuple[Any, str]:
     """(identity, recorded engine sha256) of an engine; BundleError when the sidecar is missing or bad."""
     path = sidecar_path(engine_path)
     if not path.is_file():
@@ -231,7 +231,8 @@ def read_sidecar(engine_path: str | Path) -> tuple[EngineIdentity, str]:
     digest = data.get("engine_sha256")
     if not isinstance(digest, str) or len(digest) != 64:
         raise BundleError(f"{path}: engine sidecar has no valid engine_sha256")
-    return EngineIdentity.from_json(data.get("identity") or {}, source=str(path)), digest
+    # The same sidecar holds a TensorRT engine's identity or a stored torch package's (its own type).
+    return (identity_type or EngineIdentity).from_json(data.get("identity") or {}, source=str(path)), digest
 
 
 def verify_engine_file(engine_path: str | Path, expected_sha256: str) -> None:
@@ -324,7 +325,9 @@ def select_engine(
     file's sha256 is checked against its sidecar (``EngineMismatchError`` when it differs).
     """
     plugins = dict(plugins or {})
-    candidates = [e for e in bundle.manifest.engines if e.get("precision") == precision]
+    candidates = [
+        e for e in bundle.manifest.engines if e.get("precision") == precision and e.get("kind") in (None, "tensorrt")
+    ]
     if not candidates:
         have = sorted({str(e.get("precision")) for e in bundle.manifest.engines})
         raise EngineUnavailable(

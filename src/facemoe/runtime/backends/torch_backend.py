@@ -55,6 +55,10 @@ class TorchBackend(Backend):
     """
 
     name = "torch"
+    # The stored compiled package in use (docs/COMPILED.md#stored-compiled-packages), or why none was.
+    package_path: Path | None = None
+    package_load_s: float = 0.0
+    package_note: str = ""
 
     def __init__(
         self,
@@ -127,10 +131,14 @@ class TorchBackend(Backend):
         checkpoint: str | Path | None = None,
         compile: bool = False,
         half: str = "gemm",
+        stored: bool = True,
     ) -> TorchBackend:
         """The bundle's model rebuilt from its checkpoint (``facemoe.model.inference.load_reference_model``).
 
         ``device`` None means ``cuda``; ``threads`` sets PyTorch's CPU intra-op threads (process-wide).
+        With ``stored`` a matching compiled package in the bundle's ``engines/`` is loaded instead
+        (docs/COMPILED.md#stored-compiled-packages); a mismatched one is refused and the reason kept in
+        ``package_note``, shown by ``describe``, as the model is rebuilt and run eagerly (or compiled).
         """
         torch = _import_torch()
         from facemoe.model.inference import ReferenceUnavailable, load_reference_model
@@ -142,11 +150,21 @@ class TorchBackend(Backend):
             )
         if threads:
             torch.set_num_threads(threads)
+        package_note = ""
+        if stored and routing == "static" and (precision == "fp32" or not device.startswith("cpu")):
+            from facemoe.runtime.torch_package import KIND, PackageUnavailable, probe, select_package
+
+            try:
+                path, identity = select_package(bundle, probe(device, bundle, precision, half, max_batch))
+                return cls._from_package(bundle, path, identity, device, max_batch, cuda_graphs)
+            except PackageUnavailable as exc:
+                if any(e.get("kind") == KIND for e in bundle.manifest.engines):
+                    package_note = f"stored package not used ({exc}); {'compiling' if compile else 'eager'}"
         try:
             model = load_reference_model(bundle, checkpoint)
         except ReferenceUnavailable as exc:
             raise BackendUnavailable(f"the torch backend: {exc}") from exc
-        return cls(
+        backend = cls(
             model,
             precision=precision,
             device=device,
@@ -157,6 +175,31 @@ class TorchBackend(Backend):
             compile=compile,
             half=half,
         )
+        backend.package_note = package_note
+        return backend
+
+    @classmethod
+    def _from_package(
+        cls, bundle: Bundle, path: Path, identity: Any, device: str, max_batch: int, cuda_graphs: bool
+    ) -> TorchBackend:
+        """A backend whose model is the stored AOTInductor package (no checkpoint read, nothing compiled)."""
+        import time
+
+        torch = _import_torch()
+        start = time.perf_counter()
+        runner = torch._inductor.aoti_load_package(str(path))
+        self = cls.__new__(cls)
+        self.torch_device = torch.device(device)
+        self.model = runner
+        self.compiled, self.half, self.routing = True, identity.half, "static"
+        self.precision, self.device, self.max_batch = identity.precision, str(self.torch_device), max_batch
+        self.cuda_graphs = bool(cuda_graphs and self.torch_device.type == "cuda")
+        self.buckets = buckets_for(max_batch)
+        self._graphs, self._pool = {}, None
+        self._input_size = int(bundle.manifest.preprocessing.get("input_size", 120))
+        self._embedding_size = int(bundle.manifest.embedding_size)
+        self.package_path, self.package_load_s = path, time.perf_counter() - start
+        return self
 
     @property
     def embedding_size(self) -> int:
@@ -233,6 +276,10 @@ class TorchBackend(Backend):
 
     def notes(self) -> list[str]:
         options = ["compiled"] if self.compiled else []
+        if self.package_path is not None:
+            options.append(f"stored package loaded in {self.package_load_s:.2f} s")
+        elif self.package_note:
+            options.append(self.package_note)
         if self.half == "all":
             options.append("whole network fp16")
         return [*options, *super().notes()]
@@ -240,6 +287,10 @@ class TorchBackend(Backend):
     def describe(self) -> str:
         graphs = ", CUDA graphs" if self.cuda_graphs else ""
         options = (", whole network fp16" if self.half == "all" else "") + (", compiled" if self.compiled else "")
+        if self.package_path is not None:
+            options += f", stored package {self.package_path.name} loaded in {self.package_load_s:.2f} s"
+        elif self.package_note:
+            options += f"; {self.package_note}"
         return (
             f"torch ({self.precision}, {self.routing} routing, {self.device}, max batch {self.max_batch}"
             f"{graphs}{options})"
