@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -186,3 +187,82 @@ def test_detection_helpers() -> None:
     )
     assert det.eye_distance == pytest.approx(6.0)
     assert det.area == pytest.approx(200.0)
+
+
+class _CountingSession:
+    """The real ONNX Runtime session, counting its calls and their batch sizes."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.batches: list[int] = []
+
+    def run(self, names: Any, feeds: dict[str, np.ndarray]) -> Any:
+        self.batches.append(next(iter(feeds.values())).shape[0])
+        return self.session.run(names, feeds)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.session, name)
+
+
+def _assert_same(batched: list[list[Detection]], single: list[list[Detection]]) -> None:
+    assert [len(d) for d in batched] == [len(d) for d in single]
+    for ours, theirs in zip(batched, single, strict=True):
+        for a, b in zip(ours, theirs, strict=True):
+            np.testing.assert_allclose(a.box, b.box, atol=1e-3)
+            np.testing.assert_allclose(a.landmarks, b.landmarks, atol=1e-3)
+            assert abs(a.score - b.score) < 1e-5
+
+
+def _camera(frame: np.ndarray, shift: int) -> np.ndarray:
+    """A 640x480 view with the face somewhere else in each camera."""
+    canvas = np.full((480, 640, 3), 90, np.uint8)
+    face = cv2.resize(frame, (352, 288), interpolation=cv2.INTER_CUBIC)
+    canvas[20 + shift // 2 : 308 + shift // 2, shift : shift + 352] = face
+    return canvas
+
+
+def test_detect_batch_equals_one_call_per_frame_in_one_call() -> None:
+    detector = RetinaFaceDetector()
+    assert detector.batchable, "the default detector's batch dimension is dynamic"
+    frames = [_camera(sample_frames()[i], shift) for i, shift in ((0, 0), (30, 90), (60, 180), (90, 280))]
+    single = [detector.detect(f) for f in frames]
+    assert all(len([d for d in s if d.score >= 0.5]) == 1 for s in single)
+    counting = _CountingSession(detector.session)
+    detector.session = counting
+    _assert_same(detector.detect_batch(frames), single)
+    assert counting.batches == [4]
+    assert detector.detect_batch([]) == []
+
+
+def test_detect_batch_groups_mixed_sizes_and_keeps_the_order() -> None:
+    detector = RetinaFaceDetector(max_batch=3)
+    small = list(sample_frames()[:4])  # 176x144
+    doubled = [cv2.resize(f, None, fx=2, fy=2) for f in sample_frames()[40:42]]  # 352x288
+    big = cv2.resize(sample_frames()[10], None, fx=8, fy=8)  # 1408x1152, downscaled to 640x524
+    tiny = np.full((20, 20, 3), 128, np.uint8)  # padded to 32x32
+    frames = [small[0], doubled[0], big, small[1], tiny, small[2], doubled[1], small[3]]
+    single = [detector.detect(f) for f in frames]
+    counting = _CountingSession(detector.session)
+    detector.session = counting
+    _assert_same(detector.detect_batch(frames), single)
+    # Four 176x144 frames in calls of at most three, then one call per other size.
+    assert sorted(counting.batches) == [1, 1, 1, 2, 3]
+
+
+def test_detect_batch_with_a_fixed_batch_of_one(tmp_path: Path) -> None:
+    """A detector exported with batch 1: one call per frame, same results; a wrong claim is caught."""
+    model = onnx.load_from_string(default_detector_bytes())
+    batch = model.graph.input[0].type.tensor_type.shape.dim[0]
+    batch.ClearField("dim_param")
+    batch.dim_value = 1
+    path = tmp_path / "batch1.onnx"
+    onnx.save(model, str(path))
+    fixed = RetinaFaceDetector(path)
+    assert not fixed.batchable
+    frames = [sample_frames()[i] for i in (0, 50, 100)]
+    single = [fixed.detect(f) for f in frames]
+    _assert_same(fixed.detect_batch(frames), single)
+    # Told it can batch, the model's refusal makes it fall back to single frames for good.
+    fixed.batchable = True
+    _assert_same(fixed.detect_batch(frames), single)
+    assert not fixed.batchable

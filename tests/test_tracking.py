@@ -86,6 +86,71 @@ def test_motion_prediction_bridges_a_frame_gap() -> None:
     assert [t.track_id for t, _ in update.matched] == [1]
 
 
+def test_detection_every_fourth_frame_keeps_one_track_and_predicts_coasted_boxes() -> None:
+    """A face moving at constant speed, detected on every 4th frame only (a detection interval)."""
+    tracker = Tracker()
+    jitter = np.random.default_rng(3).uniform(-0.5, 0.5, size=(40, 2))
+    ids: set[int] = set()
+    errors = []
+    for i in range(40):
+        x, y = 20 + 3.0 * i, 30 + 1.5 * i  # true top-left corner at frame i
+        if i % 4 == 0:
+            update = tracker.update([det(x + jitter[i, 0], y + jitter[i, 1])], i, i / 30)
+            ids |= {t.track_id for t, _ in update.matched if t.track_id is not None}
+        else:
+            update = tracker.coast(i, i / 30)
+            assert update.matched == [] and update.started == [] and update.ended == []
+            if i > 8:  # the velocity needs two detections
+                (track,) = tracker.tracks
+                assert track.coasting and track.box_frame == i and track.last_frame == i - i % 4
+                errors.append(np.abs(track.box - [x, y, x + 40, y + 40]).max())
+                # The landmarks travel with the box.
+                np.testing.assert_allclose(track.landmarks[0], track.box[:2] + np.array([12, 16]), atol=1e-3)
+    assert ids == {1}
+    assert max(errors) < 3.0, f"coasted boxes {max(errors):.1f} px off"
+    # The velocity is per frame (3 and 1.5 px), not per detection (12 and 6 px).
+    np.testing.assert_allclose(tracker.tracks[0].velocity, [3, 1.5, 3, 1.5], atol=0.5)
+
+
+def test_a_face_that_leaves_ends_after_max_age_frames_while_coasting() -> None:
+    tracker = Tracker(max_age=10)
+    for i in range(12):  # detected on frames 0, 4 and 8, moving right 2 px a frame
+        if i % 4 == 0:
+            tracker.update([det(100 + 2 * i, 100)], i, i / 30)
+        else:
+            tracker.coast(i, i / 30)
+    ended_at = {}
+    for i in range(12, 40):
+        update = tracker.update([], i, i / 30) if i % 4 == 0 else tracker.coast(i, i / 30)
+        for track in update.ended:
+            ended_at[track.track_id] = (i, track)
+    # Counted in frames since the last detection (frame 8), not in missed detections (which would be 40).
+    assert list(ended_at) == [1]
+    frame, track = ended_at[1]
+    assert frame == 8 + 10 + 1
+    # The ended track reports its last detection, not a box coasted off by 20 px.
+    assert track.last_frame == 8 and not track.coasting
+    np.testing.assert_allclose(track.box, [116, 100, 156, 140])
+    assert tracker.tracks == []
+
+
+def test_coast_never_starts_or_matches_and_keeps_tentative_tracks() -> None:
+    tracker = Tracker(min_hits=2)
+    for i in range(10):
+        update = tracker.coast(i, 0.0)
+        assert update.started == update.matched == update.ended == []
+    assert tracker.tracks == []
+    tracker.update([det(50, 50)], 10)  # tentative: one hit
+    for i in range(11, 14):
+        update = tracker.coast(i, 0.0)
+        assert update.started == update.matched == []
+    assert len(tracker.tracks) == 1 and not tracker.tracks[0].confirmed
+    # The next detection confirms it: the coasted frames were not misses.
+    update = tracker.update([det(52, 50)], 14)
+    assert [t.track_id for t in update.started] == [1]
+    assert [t.track_id for t in tracker.finish()] == [1]
+
+
 def test_aggregate_is_norm_weighted_mean() -> None:
     rng = np.random.default_rng(0)
     raw = rng.normal(size=(6, 16)) * rng.uniform(0.1, 10, (6, 1))

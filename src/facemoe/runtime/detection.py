@@ -120,11 +120,23 @@ def default_detector_bytes() -> bytes:
     return WEIGHTS
 
 
+@dataclass
+class _Prepared:
+    """One frame ready for the detector: the (downscaled) image and how to map results back."""
+
+    image: np.ndarray  # HxWx3 uint8 BGR at the detector's input size
+    scale: float  # detector input pixels per frame pixel
+    height: int  # of the frame
+    width: int
+    padded: tuple[int, int]  # detector input height and width after padding tiny inputs
+
+
 class RetinaFaceDetector:
     """RetinaFace-style ONNX detector with float landmark decoding and NMS.
 
     Frames larger than ``max_side`` on their long side are downscaled for detection only; results are in
-    the original frame's pixels, so alignment still samples the full-resolution frame.
+    the original frame's pixels, so alignment still samples the full-resolution frame. ``max_batch`` bounds
+    how many frames :meth:`detect_batch` puts in one call (the default model's batch dimension is dynamic).
     """
 
     def __init__(
@@ -134,6 +146,7 @@ class RetinaFaceDetector:
         nms_threshold: float = 0.4,
         max_side: int = 640,
         max_faces: int = 64,
+        max_batch: int = 8,
         threads: int | None = None,
         providers: list[str] | None = None,
     ) -> None:
@@ -160,11 +173,15 @@ class RetinaFaceDetector:
         if len(inputs) != 1 or len(inputs[0].shape) != 4:
             raise InputError(f"{self.name}: expected one (N, 3, H, W) input, the model has {len(inputs)} inputs")
         self.input_name = inputs[0].name
+        # A batch dimension fixed at 1 (an int in the shape) means one frame per call; a named one is tried.
+        batch_dim = inputs[0].shape[0]
+        self.batchable = max_batch > 1 and not (isinstance(batch_dim, int) and batch_dim == 1)
         self._output_order = self._classify_outputs()
         self.score_threshold = score_threshold
         self.nms_threshold = nms_threshold
         self.max_side = max_side
         self.max_faces = max_faces
+        self.max_batch = max(1, max_batch)
 
     def _classify_outputs(self) -> tuple[int, int, int]:
         # Identify outputs by their last dimension (4 / 2 / 10): user exports name them arbitrarily.
@@ -185,20 +202,63 @@ class RetinaFaceDetector:
         scale = min(1.0, self.max_side / max(height, width))
         return scale, max(1, round(height * scale)), max(1, round(width * scale))
 
-    def detect(self, frame_bgr: np.ndarray) -> list[Detection]:
-        """Faces in one HxWx3 uint8 BGR frame, best score first."""
+    def _prepare(self, frame_bgr: np.ndarray) -> _Prepared:
         height, width = frame_bgr.shape[:2]
         scale, in_h, in_w = self._input_size(height, width)
         image = frame_bgr
         if scale != 1.0:
             image = cv2.resize(frame_bgr, (in_w, in_h), interpolation=cv2.INTER_AREA)
         # Pad tiny inputs with the mean colour (zero after mean subtraction) so every pyramid level exists.
-        pad_h, pad_w = max(in_h, MIN_DETECT_SIDE), max(in_w, MIN_DETECT_SIDE)
-        blob = np.zeros((1, 3, pad_h, pad_w), dtype=np.float32)
-        blob[0, :, :in_h, :in_w] = (image.astype(np.float32) - BGR_MEAN).transpose(2, 0, 1)
-        outputs = self.session.run(None, {self.input_name: blob})
+        padded = (max(in_h, MIN_DETECT_SIDE), max(in_w, MIN_DETECT_SIDE))
+        return _Prepared(image, scale, height, width, padded)
+
+    def detect(self, frame_bgr: np.ndarray) -> list[Detection]:
+        """Faces in one HxWx3 uint8 BGR frame, best score first."""
+        return self.detect_batch([frame_bgr])[0]
+
+    def detect_batch(self, frames_bgr: list[np.ndarray]) -> list[list[Detection]]:
+        """Faces in each of several frames (several cameras), in as few detector calls as the model allows.
+
+        Frames whose detector input has the same size share one call of up to ``max_batch`` frames when the
+        model's batch dimension is dynamic; the results equal one :meth:`detect` per frame. Frames of other
+        sizes are never padded to a common size: padding changes what the border anchors see.
+        """
+        prepared = [self._prepare(frame) for frame in frames_bgr]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, item in enumerate(prepared):
+            groups.setdefault(item.padded, []).append(index)
+        results: list[list[Detection]] = [[] for _ in frames_bgr]
+        for indices in groups.values():
+            step = self.max_batch if self.batchable else 1
+            for at in range(0, len(indices), step):
+                chunk = indices[at : at + step]
+                for index, outputs in zip(chunk, self._run([prepared[i] for i in chunk]), strict=True):
+                    results[index] = self._decode(outputs, prepared[index])
+        return results
+
+    def _run(self, items: list[_Prepared]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Box deltas, scores and landmark deltas of each item (all of one padded size)."""
+        pad_h, pad_w = items[0].padded
+        blob = np.zeros((len(items), 3, pad_h, pad_w), dtype=np.float32)
+        for k, item in enumerate(items):
+            in_h, in_w = item.image.shape[:2]
+            blob[k, :, :in_h, :in_w] = (item.image.astype(np.float32) - BGR_MEAN).transpose(2, 0, 1)
         box_i, score_i, lm_i = self._output_order
-        deltas, scores, lm_deltas = outputs[box_i][0], outputs[score_i][0], outputs[lm_i][0]
+        try:
+            outputs = self.session.run(None, {self.input_name: blob})
+        except Exception:
+            if len(items) == 1:
+                raise
+            outputs = None
+        if len(items) > 1 and (outputs is None or any(o.shape[0] != len(items) for o in outputs)):
+            # A model declaring a dynamic batch that its graph does not honour: one frame per call from now.
+            self.batchable = False
+            return [out for k in range(len(items)) for out in self._run(items[k : k + 1])]
+        return [(outputs[box_i][k], outputs[score_i][k], outputs[lm_i][k]) for k in range(len(items))]
+
+    def _decode(self, outputs: tuple[np.ndarray, np.ndarray, np.ndarray], item: _Prepared) -> list[Detection]:
+        deltas, scores, lm_deltas = outputs
+        pad_h, pad_w = item.padded
         priors = make_priors(pad_h, pad_w)
         if deltas.shape[0] != priors.shape[0]:
             raise InputError(
@@ -218,12 +278,12 @@ class RetinaFaceDetector:
         boxes = decode_boxes(deltas[candidates], priors[candidates])
         points = decode_landmarks(lm_deltas[candidates], priors[candidates])
         kept = nms(boxes, face[candidates], self.nms_threshold)[: self.max_faces]
-        inv = 1.0 / scale
+        inv = 1.0 / item.scale
         detections = []
         for k in kept:
             box = boxes[k] * inv
-            box[[0, 2]] = np.clip(box[[0, 2]], 0, width)
-            box[[1, 3]] = np.clip(box[[1, 3]], 0, height)
+            box[[0, 2]] = np.clip(box[[0, 2]], 0, item.width)
+            box[[1, 3]] = np.clip(box[[1, 3]], 0, item.height)
             detections.append(
                 Detection(
                     box=box.astype(np.float32),

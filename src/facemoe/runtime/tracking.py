@@ -4,6 +4,11 @@ Confident detections are matched first to every live track; weaker ones (between
 detection threshold) only extend existing tracks, which carries a track through motion blur or partial
 occlusion without ever starting a track on a doubtful detection. A track gets its public id only when
 confirmed (``min_hits`` detections), so ids stay dense and false positives never appear in the events.
+
+On frames where the detector does not run (a detection interval), :meth:`Tracker.coast` moves every box
+by its constant-velocity prediction; velocities are per frame index, so they stay right however many
+frames pass between two detections. Faces are embedded only on detected frames: alignment needs the
+landmarks the detector just found, not ones carried along with a predicted box.
 """
 
 from __future__ import annotations
@@ -18,15 +23,20 @@ from facemoe.runtime.detection import Detection, box_iou
 
 @dataclass
 class Track:
+    # Where the face is at ``box_frame``: detected there, or predicted on a coasted frame (landmarks moved
+    # with the box). Once the track ends, both are its last detection again.
     box: np.ndarray
     landmarks: np.ndarray
     score: float
     first_frame: int
-    last_frame: int
+    last_frame: int  # the last frame with a detection
     first_time: float = 0.0
     last_time: float = 0.0
-    velocity: np.ndarray = field(default_factory=lambda: np.zeros(4, dtype=np.float64))
+    velocity: np.ndarray = field(default_factory=lambda: np.zeros(4, dtype=np.float64))  # per frame
     hits: int = 1
+    box_frame: int = -1  # -1: ``last_frame``
+    detected_box: np.ndarray = field(default_factory=lambda: np.zeros(0))  # at last_frame; empty: ``box``
+    detected_landmarks: np.ndarray = field(default_factory=lambda: np.zeros(0))
     track_id: int | None = None  # assigned on confirmation
     # Recognition state, filled by the pipeline.
     aggregate: EmbeddingAggregate = field(default_factory=EmbeddingAggregate)
@@ -39,9 +49,22 @@ class Track:
     # is drawn with the decision made from the latest face at or before it (see runtime.frame_buffer).
     labels: list[tuple[int, str, float]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if self.box_frame < 0:
+            self.box_frame = self.last_frame
+        if self.detected_box.size == 0:
+            self.detected_box = np.asarray(self.box, dtype=np.float64).copy()
+        if self.detected_landmarks.size == 0:
+            self.detected_landmarks = np.asarray(self.landmarks).copy()
+
     @property
     def confirmed(self) -> bool:
         return self.track_id is not None
+
+    @property
+    def coasting(self) -> bool:
+        """True while ``box`` is a prediction (the detector has not seen the face on ``box_frame``)."""
+        return self.box_frame != self.last_frame
 
     def label_at(self, frame_index: int) -> tuple[str, float] | None:
         """The identity and similarity decided from this track's faces up to ``frame_index``."""
@@ -61,7 +84,25 @@ class Track:
         del self.labels[:keep]
 
     def predict(self, frame_index: int) -> np.ndarray:
-        return self.box + self.velocity * (frame_index - self.last_frame)
+        """The box at ``frame_index`` extrapolated from the last detection at constant velocity."""
+        return self.detected_box + self.velocity * (frame_index - self.last_frame)
+
+    def move_to(self, frame_index: int) -> None:
+        """Put ``box`` (and the landmarks, mapped box to box) at its prediction for ``frame_index``."""
+        box = self.predict(frame_index)
+        old = self.detected_box
+        scale = (box[2:] - box[:2]) / np.maximum(old[2:] - old[:2], 1e-6)
+        centre_old, centre_new = (old[:2] + old[2:]) / 2, (box[:2] + box[2:]) / 2
+        points = np.asarray(self.detected_landmarks, dtype=np.float64)
+        self.landmarks = (centre_new + (points - centre_old) * scale).astype(np.float32)
+        self.box = box
+        self.box_frame = frame_index
+
+    def settle(self) -> None:
+        """Back to the last detection (an ending track reports where the face was last seen)."""
+        self.box = self.detected_box.copy()
+        self.landmarks = np.array(self.detected_landmarks, copy=True)
+        self.box_frame = self.last_frame
 
 
 @dataclass
@@ -114,13 +155,17 @@ class Tracker:
         return [t for t in self.tracks if t.confirmed]
 
     def _apply(self, track: Track, det: Detection, frame_index: int, timestamp: float) -> None:
+        # Motion since the last detection, per frame: coasted frames in between do not shorten the gap.
         gap = max(1, frame_index - track.last_frame)
         box = det.box.astype(np.float64)
-        observed = (box - track.box) / gap
+        observed = (box - track.detected_box) / gap
         # The first observed motion replaces the zero prior outright; later ones are smoothed.
         track.velocity = observed if track.hits == 1 else self.alpha * observed + (1 - self.alpha) * track.velocity
         track.box = box
+        track.detected_box = box.copy()
         track.landmarks = det.landmarks
+        track.detected_landmarks = det.landmarks
+        track.box_frame = frame_index
         track.score = det.score
         track.last_frame = frame_index
         track.last_time = timestamp
@@ -165,6 +210,7 @@ class Tracker:
             elif not track.confirmed:
                 continue  # a tentative track that missed a frame was most likely a false positive
             elif frame_index - track.last_frame > self.max_age:
+                track.settle()
                 ended.append(track)
             else:
                 survivors.append(track)
@@ -190,9 +236,32 @@ class Tracker:
         self.tracks = survivors
         return TrackUpdate(started=started, ended=ended, matched=[(t, d) for t, d in matched if t.confirmed])
 
+    def coast(self, frame_index: int, timestamp: float = 0.0) -> TrackUpdate:
+        """A frame the detector did not run on: boxes move by prediction, nothing starts or matches.
+
+        Tracks end after ``max_age`` frames without a detection, counted in frames as in :meth:`update`.
+        A tentative track is kept (the detector had no chance to confirm or miss it). ``timestamp`` is the
+        frame's time; no track records it, since times mark detections.
+        """
+        del timestamp  # same signature as update(); a coasted frame changes no track's times
+        ended: list[Track] = []
+        survivors: list[Track] = []
+        for track in self.tracks:
+            if frame_index - track.last_frame > self.max_age:
+                if track.confirmed:
+                    track.settle()
+                    ended.append(track)
+                continue
+            track.move_to(frame_index)
+            survivors.append(track)
+        self.tracks = survivors
+        return TrackUpdate(started=[], ended=ended, matched=[])
+
     def finish(self) -> list[Track]:
         """End every confirmed track (end of stream); returns them."""
         ended = [t for t in self.tracks if t.confirmed]
+        for track in ended:
+            track.settle()
         self.tracks = []
         return ended
 
