@@ -242,3 +242,19 @@ def test_a_dropped_live_source_reconnects_while_another_keeps_producing(tmp_path
     file_end = next(e for e in events if e["event"] == "source_ended" and e["source"] == "file")
     assert file_end["reason"] == "end_of_stream" and file_end["frames"] == 120 and file_end["tracks"] >= 1
     assert events[-1]["reason"] == "source_error" and events[-1]["event"] == "run_ended"
+
+
+def test_detect_every_runs_the_detector_on_every_nth_frame(tmp_path: Path, tiny_bundle: Path) -> None:
+    counts = {}
+    for every in (1, 3):
+        out = tmp_path / f"e{every}.jsonl"
+        args = ["--video", SAMPLE_VIDEO, "--bundle", tiny_bundle, "--detect-every", every, "--out", out, "-q"]
+        result = invoke(run_app, args)
+        assert result.exit_code == 0, result.output
+        events = read_events(out)
+        assert events[0]["detect_every"] == every
+        counts[every] = events[-1]
+    assert counts[1]["frames"] == counts[3]["frames"] == 120
+    # Faces are counted (and embedded) only on detected frames: 40 of 120 with N = 3.
+    assert counts[3]["faces"] == 40 and counts[1]["faces"] == 120
+    assert counts[3]["tracks"] == counts[1]["tracks"] == 1

@@ -7,11 +7,7 @@ Runtime or TensorRT, numpy and OpenCV only (``--demo`` runs the bundle shipped i
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import time
-from collections.abc import Iterator
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -38,59 +34,11 @@ from facemoe.cli.run_audit import (
 )
 from facemoe.cli.run_checks import check_finite, check_parity, plan_outputs
 from facemoe.cli.run_display import live_table, report
+from facemoe.cli.run_env import DEMO_WARNING, quiet_opencv, sample_video, sigterm_as_interrupt
 from facemoe.demo import ensure_demo_bundle
 from facemoe.errors import FaceMoEError
 
 app = typer.Typer(add_completion=False, help=__doc__)
-
-SAMPLE_VIDEO = "carphone_pristine.mp4"
-DEMO_WARNING = (
-    "[bold yellow]DEMO:[/] this bundle has RANDOM weights, so identities and similarities are meaningless "
-    "(tracking and throughput are real). For real recognition get the official weights and export them:\n"
-    "  facemoe download --dest weights\n"
-    "  facemoe-export --checkpoint weights/model.pt --fp16 --out bundle\n"
-    "  facemoe enroll --images people/ --bundle bundle --out gallery.npz\n"
-    "  facemoe-run --video VIDEO --bundle bundle --gallery gallery.npz"
-)
-
-
-@contextlib.contextmanager
-def sample_video() -> Iterator[Path]:
-    ref = resources.files("facemoe") / "data" / SAMPLE_VIDEO
-    if not ref.is_file():
-        raise FaceMoEError(f"the packaged sample video {SAMPLE_VIDEO} is missing from this installation")
-    with resources.as_file(ref) as path:
-        yield path
-
-
-def _quiet_opencv() -> None:
-    # FFmpeg and OpenCV print a line per damaged packet or failed probe; the run reports those as counts.
-    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
-    try:
-        import cv2
-
-        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
-    except (ImportError, AttributeError):
-        pass
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (systemd stop, docker stop) and SIGHUP (closed terminal) end the run as cleanly as Ctrl-C."""
-
-    def handler(_signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    try:
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    except ValueError:  # not the main thread (e.g. under a test runner thread)
-        yield
-        return
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 @app.command(cls=OneLineErrors)
@@ -187,7 +135,7 @@ def run(
     Events go to --out, else to a new events-<date>-<time>.jsonl here; --overwrite replaces existing outputs.
     """
     if not verbose:
-        _quiet_opencv()
+        quiet_opencv()
     from facemoe.bundle import Bundle
     from facemoe.runtime.aggregation import RecognitionBudget
     from facemoe.runtime.annotate import VideoAnnotator
@@ -391,7 +339,7 @@ def run(
 
         mux = SourceMux(opened.opened)
         source_error: str | None = None
-        with _sigterm_as_interrupt(), live if live is not None else contextlib.nullcontext():
+        with sigterm_as_interrupt(), live if live is not None else contextlib.nullcontext():
             try:
                 mux.start()
                 stats = pipeline.run_rounds(
