@@ -258,3 +258,26 @@ def test_detect_every_runs_the_detector_on_every_nth_frame(tmp_path: Path, tiny_
     # Faces are counted (and embedded) only on detected frames: 40 of 120 with N = 3.
     assert counts[3]["faces"] == 40 and counts[1]["faces"] == 120
     assert counts[3]["tracks"] == counts[1]["tracks"] == 1
+
+
+def test_sources_file_roi_in_full_frame_pixels(tmp_path: Path, tiny_bundle: Path) -> None:
+    cams = tmp_path / "cams.yaml"
+    cams.write_text(
+        f"- {{id: face, path: '{SAMPLE_VIDEO}', roi: [40, 10, 110, 120], det_size: 320}}\n"
+        f"- {{id: empty, path: '{SAMPLE_VIDEO}', roi: [0, 0, 40, 144]}}\n"
+    )
+    out = tmp_path / "e.jsonl"
+    args = ["--sources", cams, "--video", SAMPLE_VIDEO, "--bundle", tiny_bundle, "--max-frames", "20", "-q"]
+    result = invoke(run_app, [*args, "--out", out])
+    assert result.exit_code == 0, result.output
+    events = read_events(out)
+    totals = {s["id"]: s for s in events[-1]["sources"]}
+    assert totals["empty"]["faces"] == 0 and totals["face"]["faces"] == totals["carphone_pristine"]["faces"] == 20
+    boxes = {
+        e["source"]: np.array(e["box"]) for e in events if e["event"] == "track_started" and e["source"] != "empty"
+    }
+    assert np.abs(boxes["face"] - boxes["carphone_pristine"]).max() < 4.0, boxes  # offset back to the full frame
+    cams.write_text(f"- {{id: x, path: '{SAMPLE_VIDEO}', roi: [170, 0, 40, 40]}}\n")
+    result = invoke(run_app, ["--sources", cams, "--bundle", tiny_bundle, "--out", tmp_path / "bad.jsonl"])
+    assert result.exit_code == 2 and "lies outside its 176x144 frame" in result.stderr
+    assert not (tmp_path / "bad.jsonl").exists()

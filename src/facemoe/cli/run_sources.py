@@ -121,6 +121,11 @@ def open_all(
         if len(result.failed) == 1:
             raise InputError(str(result.failed[0]["error"]))
         raise FaceMoEError("no source could be opened: " + "; ".join(str(f["error"]) for f in result.failed))
+    for sid, source in result.opened.items():
+        roi = result.specs[sid].roi
+        if roi is not None and (roi[0] + 16 > source.width or roi[1] + 16 > source.height):
+            result.close()
+            raise InputError(f"source {sid}: roi {list(roi)} lies outside its {source.width}x{source.height} frame")
     for entry in result.failed:
         warn(f"source {entry['id']} not opened: {entry['error']}")
     return result

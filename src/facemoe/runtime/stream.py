@@ -184,7 +184,7 @@ class Stream:
     def detect_input(self, image: np.ndarray) -> np.ndarray:
         if self.roi is None:
             return image
-        x, y, w, h = self.roi
+        x, y, w, h = self.roi  # checked against the frame size when the source opened (cli.run_sources)
         return image[y : y + h, x : x + w]
 
     def on_detections(self, image: np.ndarray, frame: Frame, detections: list[Detection]) -> None:
