@@ -21,6 +21,7 @@ VideoOption = Annotated[
     typer.Option(
         "--video",
         "-v",
+        metavar="VIDEO",
         help="Video file, rtsp:// or http(s):// URL, or webcam index (0, 1, ...); repeat for several sources.",
     ),
 ]
@@ -28,6 +29,7 @@ SourcesOption = Annotated[
     Path | None,
     typer.Option(
         "--sources",
+        metavar="FILE",
         help="YAML or JSON (.json) list of sources: {id, url | path, realtime, det_size, roi, reconnect_attempts}.",
     ),
 ]
