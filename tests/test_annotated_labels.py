@@ -92,7 +92,7 @@ def test_frame_buffer_bound_forces_smaller_batches(
     pipeline.run(Frame(i, i / 30, f) for i, f in enumerate(sample_frames()))
     events.close()
     annotator.close()
-    buffer = pipeline._frames
+    buffer = pipeline.streams[0].frames
     assert buffer is not None and len(buffer) == 0
     assert buffer.peak_frames == 10 and buffer.peak_bytes <= config.annotate_buffer_bytes
     assert pipeline.stats.faces_embedded == 119

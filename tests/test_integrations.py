@@ -75,9 +75,10 @@ def test_metrics_scraped_during_and_after_a_run_equal_the_events(tmp_path: Path,
         config=PipelineConfig(max_batch=2, max_latency_s=10.0),
     )
     source = VideoSource(str(SAMPLE_VIDEO), realtime=True).open()  # 4 s at the file's frame rate
-    metrics = RunMetrics("carphone", backend=engine.describe(), precision=engine.precision)
+    metrics = RunMetrics(backend=engine.describe(), precision=engine.precision)
     port = metrics.serve(0)
-    metrics.attach(pipeline, source.stats)
+    pipeline.add_stream("carphone", source_stats=source.stats)
+    metrics.attach(pipeline)
     during: list[float] = []
     stop = threading.Event()
 
@@ -111,18 +112,20 @@ def test_metrics_scraped_during_and_after_a_run_equal_the_events(tmp_path: Path,
     assert _value(final, "facemoe_tracks_total", **label) == ended["tracks"] == kinds["track_started"]
     assert _value(final, "facemoe_dropped_frames_total", **label) == ended["dropped_frames"]
     for kind, count in kinds.items():
-        assert _value(final, "facemoe_events_total", event=kind, **label) == count, kind
+        where = "_run" if kind.startswith("run_") else "carphone"  # run-level events: source null
+        assert _value(final, "facemoe_events_total", event=kind, source=where) == count, kind
+    shared = {"source": "_all"}  # the embedding batches are shared by the sources
     batches = pipeline.stats.batches
-    assert _value(final, "facemoe_embedding_batch_size_count", **label) == batches
-    assert _value(final, "facemoe_embedding_batch_size_sum", **label) == ended["faces_embedded"]
-    assert _value(final, "facemoe_embedding_batch_size_bucket", le="1.0", **label) < batches, "batches of 2"
-    embed_count = _value(final, "facemoe_stage_seconds_count", stage="embed", **label)
+    assert _value(final, "facemoe_embedding_batch_size_count", **shared) == batches
+    assert _value(final, "facemoe_embedding_batch_size_sum", **shared) == ended["faces_embedded"]
+    assert _value(final, "facemoe_embedding_batch_size_bucket", le="1.0", **shared) < batches, "batches of 2"
+    embed_count = _value(final, "facemoe_stage_seconds_count", stage="embed", **shared)
     assert embed_count == batches
-    embed_sum = _value(final, "facemoe_stage_seconds_sum", stage="embed", **label)
+    embed_sum = _value(final, "facemoe_stage_seconds_sum", stage="embed", **shared)
     assert embed_sum == pytest.approx(ended["stage_seconds"]["embed"], abs=1e-3)
     assert _value(final, "facemoe_stage_seconds_count", stage="detect", **label) == 120
     assert _value(final, "facemoe_embedding_queue_depth", **label) == 0
-    info = {"backend": engine.describe(), "precision": "fp32", **label}
+    info = {"backend": engine.describe(), "precision": "fp32", **shared}
     assert _value(final, "facemoe_backend_info", **info) == 1
 
 
@@ -133,7 +136,7 @@ def test_metrics_port_in_use_is_a_user_error() -> None:
     port = taken.getsockname()[1]
     try:
         with pytest.raises(Exception, match=f"--metrics-port {port}: cannot listen on 127.0.0.1:{port}"):
-            RunMetrics("x", backend="b", precision="fp32").serve(port)
+            RunMetrics(backend="b", precision="fp32").serve(port)
     finally:
         taken.close()
 
@@ -289,7 +292,9 @@ def test_cli_metrics_and_mqtt_messages_equal_the_events_file(tmp_path: Path, tin
         time.sleep(0.05)
     subscriber.close()
     assert _as_sent([m for _, m in subscriber.messages]) == _as_sent(events)
-    assert all(topic == f"fm/carphone_pristine/{m['event']}" for topic, m in subscriber.messages)
+    for topic, m in subscriber.messages:
+        assert topic == f"fm/{m['source'] or '_run'}/{m['event']}"
+        assert m["source"] in (None, "carphone_pristine")
 
 
 def test_broker_restarted_mid_run_loses_no_event(tmp_path: Path, tiny_bundle: Path, broker: Broker) -> None:
@@ -337,14 +342,15 @@ def test_unreachable_broker_never_blocks_the_run_and_is_counted(tmp_path: Path, 
     elapsed = time.monotonic() - start
     assert proc.returncode == 0, stderr
     events = read_events(out)
-    assert [e["event"] for e in events] == ["run_started", "track_started", "track_ended", "run_ended"]
+    kinds = [e["event"] for e in events]
+    assert kinds == ["run_started", "source_started", "track_started", "track_ended", "source_ended", "run_ended"]
     assert events[-1]["mqtt"] == {
-        "published": 3,
+        "published": 5,
         "delivered": 0,
-        "undelivered": 3,
+        "undelivered": 5,
         "dropped": 0,
         "disconnects": 0,
     }
-    assert "mqtt: 0 of 4 events delivered; 4 not delivered" in " ".join(stderr.split())
+    assert "mqtt: 0 of 6 events delivered; 6 not delivered" in " ".join(stderr.split())
     # The waits at the end are bounded (10 s for the events, 3 s for run_ended), on top of the run itself.
     assert elapsed < 60

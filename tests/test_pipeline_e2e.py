@@ -181,7 +181,8 @@ def test_batched_and_unbatched_identity_vectors_agree(parts: tuple[RetinaFaceDet
         cfg = PipelineConfig(max_batch=max_batch, max_latency_s=latency, include_embeddings=True)
         pipeline = Pipeline(detector, encoder, events, config=cfg)
         ended: list[Track] = []
-        pipeline._end_track = lambda track, reason, ended=ended: ended.append(track)  # type: ignore[method-assign, misc]
+        stream = pipeline.add_stream("source")
+        stream.end_track = lambda track, reason, ended=ended: ended.append(track)  # type: ignore[method-assign]
         pipeline.run(Frame(i, i / 30, f) for i, f in enumerate(sample_frames()[:30]))
         assert len(ended) == 1
         vector = ended[0].aggregate.vector

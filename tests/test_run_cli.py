@@ -163,7 +163,7 @@ def test_no_faces_is_a_warning(tmp_path: Path, tiny_bundle: Path) -> None:
     assert result.exit_code == 0
     assert "no faces detected in 10 frames" in result.stderr
     kinds = [e["event"] for e in read_events(tmp_path / "e")]
-    assert kinds == ["run_started", "run_ended"]
+    assert kinds == ["run_started", "source_started", "source_ended", "run_ended"]
 
 
 def test_small_faces_are_skipped_and_counted(tmp_path: Path, tiny_bundle: Path) -> None:

@@ -215,7 +215,7 @@ def test_full_disk_at_the_file_layer_through_the_cli(
     tmp_path: Path, tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "events.jsonl"
-    monkeypatch.setattr(events_module, "_os_write", _FullAfter(budget=900))
+    monkeypatch.setattr(events_module, "_os_write", _FullAfter(budget=1600))  # run_started and source_started fit
     code, stderr = _run(["--video", SAMPLE_VIDEO, "--bundle", tiny_bundle, "--embeddings", "--out", out])
     assert code == 2 and "No space left on device" in error_lines(stderr)[0], stderr
     kinds = [e["event"] for e in read_events(out)]

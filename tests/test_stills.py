@@ -67,9 +67,12 @@ def test_group_photo_gives_one_event_per_face(tmp_path: Path, tiny_bundle: Path,
     args = ["--video", photo, "--bundle", tiny_bundle, "--gallery", gallery_file, "--save-video", video]
     events, _ = _run(args, tmp_path / "e.jsonl")
     kinds = [e["event"] for e in events]
-    assert kinds == ["run_started", "image"] + ["face"] * 6 + ["run_ended"], kinds
-    assert events[0]["kind"] == "image" and (events[0]["width"], events[0]["height"]) == (420, 260)
-    image = events[1]
+    assert kinds == ["run_started", "source_started", "image"] + ["face"] * 6 + ["source_ended", "run_ended"], kinds
+    assert events[0]["sources"][0]["kind"] == "image" and (
+        events[0]["sources"][0]["width"],
+        events[0]["sources"][0]["height"],
+    ) == (420, 260)
+    image = events[2]
     assert image["faces"] == 6 and image["embedded"] == 6 and image["image"] == str(photo)
     faces = _faces(events)
     assert [f["face"] for f in faces] == list(range(6))
@@ -107,7 +110,7 @@ def test_folder_of_images(tmp_path: Path, tiny_bundle: Path) -> None:
     video = tmp_path / "annotated.avi"
     events, stderr = _run(["--video", folder, "--bundle", tiny_bundle, "--save-video", video], tmp_path / "e.jsonl")
     assert "1 file that is not an image" in stderr and "img4.jpg: cannot be decoded" in stderr
-    assert events[0]["kind"] == "images" and events[0]["frame_count"] == 4
+    assert events[0]["sources"][0]["kind"] == "images" and events[0]["sources"][0]["frame_count"] == 4
     images = [e for e in events if e["event"] == "image"]
     assert [Path(e["image"]).name for e in images] == ["img2.png", "img3.png", "img10.jpg"]
     assert [e["faces"] for e in images] == [1, 0, 6]
@@ -130,7 +133,7 @@ def test_one_frame_video_is_reported_like_a_photo(tmp_path: Path, tiny_bundle: P
     annotated = tmp_path / "annotated.avi"
     args = ["--video", video, "--bundle", tiny_bundle, "--gallery", gallery_file, "--save-video", annotated]
     events, _ = _run(args, tmp_path / "e.jsonl")
-    assert events[0]["kind"] == "file"
+    assert events[0]["sources"][0]["kind"] == "file"
     faces = _faces(events)
     assert len(faces) == 6 and all(f["image"] == str(video) and f["frame"] == 0 for f in faces)
     assert all(f["best"] == _person_at(f) for f in faces)

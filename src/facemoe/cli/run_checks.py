@@ -37,10 +37,11 @@ def check_video_spec(video: str) -> None:
     raise InputError(f"{video}: unsupported URL scheme {scheme!r} (streams: {supported}){hint}")
 
 
-def _local_inputs(video: str | None, gallery: Path | None, detector: Path | None, bundle: Path | None) -> list[str]:
+def _local_inputs(videos: list[str], gallery: Path | None, detector: Path | None, bundle: Path | None) -> list[str]:
     inputs = [str(p) for p in (gallery, detector) if p is not None]
-    if video is not None and not video.strip().isdigit() and URL.match(video.strip()) is None:
-        inputs.append(video)
+    for video in videos:
+        if not video.strip().isdigit() and URL.match(video.strip()) is None:
+            inputs.append(video)
     if bundle is not None and bundle.is_dir():
         inputs += [str(p) for p in bundle.iterdir() if p.is_file()]
     return inputs
@@ -48,7 +49,7 @@ def _local_inputs(video: str | None, gallery: Path | None, detector: Path | None
 
 def plan_outputs(
     *,
-    video: str | None,
+    videos: list[str],
     out: str | None,
     save_video: Path | None,
     gallery: Path | None,
@@ -65,7 +66,7 @@ def plan_outputs(
     from facemoe.runtime.annotate import _FOURCC_BY_SUFFIX
     from facemoe.runtime.events import default_events_path
 
-    inputs = _local_inputs(video, gallery, detector, bundle)
+    inputs = _local_inputs(videos, gallery, detector, bundle)
     if save_video is not None:
         if save_video.suffix.lower() not in _FOURCC_BY_SUFFIX:
             raise InputError(f"{save_video}: unsupported video extension; use one of {', '.join(_FOURCC_BY_SUFFIX)}")

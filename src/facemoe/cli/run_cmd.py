@@ -7,11 +7,7 @@ Runtime or TensorRT, numpy and OpenCV only (``--demo`` runs the bundle shipped i
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import time
-from collections.abc import Iterator
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,6 +16,7 @@ from rich.live import Live
 from rich.markup import escape
 
 from facemoe.cli import run_integrations as ri
+from facemoe.cli import run_sources as rs
 from facemoe.cli import run_triton as rt
 from facemoe.cli.common import EXIT_INTERRUPTED, EXIT_USER_ERROR, OverwriteOption, console, user_errors
 from facemoe.cli.options import OneLineErrors, Precision, RuntimeBackend, VersionOption
@@ -36,70 +33,20 @@ from facemoe.cli.run_audit import (
     check_audit_options,
     start_audit,
 )
-from facemoe.cli.run_checks import check_finite, check_parity, check_video_spec, plan_outputs
-from facemoe.cli.run_display import live_table, summary, totals
+from facemoe.cli.run_checks import check_finite, check_parity, plan_outputs
+from facemoe.cli.run_display import live_table, report
+from facemoe.cli.run_env import DEMO_WARNING, quiet_opencv, sample_video, sigterm_as_interrupt
 from facemoe.demo import ensure_demo_bundle
 from facemoe.errors import FaceMoEError
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
-SAMPLE_VIDEO = "carphone_pristine.mp4"
-DEMO_WARNING = (
-    "[bold yellow]DEMO:[/] this bundle has RANDOM weights, so identities and similarities are meaningless "
-    "(tracking and throughput are real). For real recognition get the official weights and export them:\n"
-    "  facemoe download --dest weights\n"
-    "  facemoe-export --checkpoint weights/model.pt --fp16 --out bundle\n"
-    "  facemoe enroll --images people/ --bundle bundle --out gallery.npz\n"
-    "  facemoe-run --video VIDEO --bundle bundle --gallery gallery.npz"
-)
-
-
-@contextlib.contextmanager
-def sample_video() -> Iterator[Path]:
-    ref = resources.files("facemoe") / "data" / SAMPLE_VIDEO
-    if not ref.is_file():
-        raise FaceMoEError(f"the packaged sample video {SAMPLE_VIDEO} is missing from this installation")
-    with resources.as_file(ref) as path:
-        yield path
-
-
-def _quiet_opencv() -> None:
-    # FFmpeg and OpenCV print a line per damaged packet or failed probe; the run reports those as counts.
-    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
-    try:
-        import cv2
-
-        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
-    except (ImportError, AttributeError):
-        pass
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (systemd stop, docker stop) and SIGHUP (closed terminal) end the run as cleanly as Ctrl-C."""
-
-    def handler(_signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    try:
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    except ValueError:  # not the main thread (e.g. under a test runner thread)
-        yield
-        return
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
 
 @app.command(cls=OneLineErrors)
 @user_errors
 def run(
-    video: Annotated[
-        str | None,
-        typer.Option("--video", "-v", help="Video file, rtsp:// or http(s):// URL, or webcam index (0, 1, ...)."),
-    ] = None,
+    video: rs.VideoOption = None,
+    sources: rs.SourcesOption = None,
     bundle: Annotated[Path | None, typer.Option(help="Bundle directory made by facemoe-export.")] = None,
     gallery: Annotated[Path | None, typer.Option(help="Gallery .npz made by 'facemoe enroll'.")] = None,
     out: Annotated[
@@ -111,7 +58,8 @@ def run(
         ),
     ] = None,
     save_video: Annotated[
-        Path | None, typer.Option(help="Write an annotated video (.mp4 / .m4v / .mov / .avi / .mkv).")
+        Path | None,
+        typer.Option(help="Write an annotated video (.mp4 / .m4v / .mov / .avi / .mkv); needs a single source."),
     ] = None,
     overwrite: bool = OverwriteOption,
     backend: Annotated[RuntimeBackend, typer.Option(help="Inference backend.")] = RuntimeBackend.auto,
@@ -156,7 +104,8 @@ def run(
     realtime: Annotated[
         bool, typer.Option("--realtime", help="Play a file at its frame rate, dropping frames like a camera.")
     ] = False,
-    max_frames: Annotated[int | None, typer.Option(min=1, help="Stop after this many frames.")] = None,
+    max_frames: Annotated[int | None, typer.Option(min=1, help="Stop each source after this many frames.")] = None,
+    detect_every: rs.DetectEvery = 1,
     max_age: Annotated[int, typer.Option(min=0, help="Frames a track survives without a detection.")] = 30,
     reconnect_attempts: Annotated[int, typer.Option(min=-1, help="Reconnects of a lost stream (-1: forever).")] = 10,
     embeddings: Annotated[
@@ -190,7 +139,7 @@ def run(
     Events go to --out, else to a new events-<date>-<time>.jsonl here; --overwrite replaces existing outputs.
     """
     if not verbose:
-        _quiet_opencv()
+        quiet_opencv()
     from facemoe.bundle import Bundle
     from facemoe.runtime.aggregation import RecognitionBudget
     from facemoe.runtime.annotate import VideoAnnotator
@@ -200,12 +149,11 @@ def run(
     from facemoe.runtime.events import EventWriter
     from facemoe.runtime.gallery import Gallery, model_fingerprint
     from facemoe.runtime.pipeline import FaceEncoder, Pipeline, PipelineConfig
-    from facemoe.runtime.tracking import Tracker
-    from facemoe.runtime.video_source import VideoSource
+    from facemoe.runtime.source_mux import SourceMux
 
     if bundle is None and not demo:
         raise FaceMoEError("pass --bundle DIR (made with facemoe-export), or --demo to try it without one")
-    if video is None and not demo:
+    if not video and sources is None and not demo:
         raise FaceMoEError("pass --video FILE|URL|WEBCAM_INDEX, or --demo to use the packaged sample video")
     # Ranges are checked by typer (and shown in --help); infinity passes a range open on one side.
     if det_threshold in (0.0, 1.0):
@@ -216,36 +164,36 @@ def run(
         min_eye_distance=min_eye_distance,
         max_latency_ms=max_latency_ms,
     )
-    if video is not None:
-        check_video_spec(video)
-    check_audit_options(audit_rate, audit_min_cosine, audit_save, audit_reference.value)
-    ri.check_mqtt_url(mqtt)
-    out = plan_outputs(
-        video=video,
-        out=out,
-        save_video=save_video,
-        gallery=gallery,
-        detector=detector,
-        bundle=bundle,
-        overwrite=overwrite,
-    )
-    if save_video is not None:
-        from facemoe.runtime.video_output import remove_stale_partials
-
-        for stale in remove_stale_partials(save_video):
-            console.print(f"removed {escape(str(stale))} (left by a run that was killed)", highlight=False)
-
     with contextlib.ExitStack() as stack:
-        if video is None:
-            video = str(stack.enter_context(sample_video()))
-        source = VideoSource(
-            video,
+        demo_video = str(stack.enter_context(sample_video())) if demo and not video and sources is None else None
+        specs = rs.collect_specs(video, sources, demo_video)
+        if save_video is not None and len(specs) > 1:
+            raise FaceMoEError(f"--save-video needs a single source; this run has {len(specs)}")
+        check_audit_options(audit_rate, audit_min_cosine, audit_save, audit_reference.value)
+        ri.check_mqtt_url(mqtt)
+        out = plan_outputs(
+            videos=[spec.video for spec in specs if spec.video != demo_video],
+            out=out,
+            save_video=save_video,
+            gallery=gallery,
+            detector=detector,
+            bundle=bundle,
+            overwrite=overwrite,
+        )
+        if save_video is not None:
+            from facemoe.runtime.video_output import remove_stale_partials
+
+            for stale in remove_stale_partials(save_video):
+                console.print(f"removed {escape(str(stale))} (left by a run that was killed)", highlight=False)
+
+        opened = rs.open_all(
+            specs,
             realtime=realtime,
             reconnect_attempts=reconnect_attempts,
-            on_status=lambda msg: console.print(f"[yellow]{escape(msg)}[/]", highlight=False),
+            say=lambda text: console.print(text, highlight=False),
+            warn=lambda msg: console.print(f"[yellow]{escape(msg)}[/]", highlight=False),
         )
-        source.open()
-        stack.callback(source.close)
+        stack.callback(opened.close)
 
         bundle_dir = bundle if bundle is not None else ensure_demo_bundle()
         loaded = Bundle(bundle_dir)
@@ -264,9 +212,17 @@ def run(
         parity_warning = check_parity(loaded, engine.precision, allow_failed_parity)  # also what auto chose
         warnings = [parity_warning] if parity_warning is not None else []
         # The detector reports weaker faces too: they only extend existing tracks (see runtime.tracking).
-        face_detector = RetinaFaceDetector(
-            detector, score_threshold=min(0.3, det_threshold), max_side=det_size, threads=threads
-        )
+        # One detector per detection size (a source may set its own): frames of one size are batched.
+        detectors: dict[int, RetinaFaceDetector] = {}
+
+        def detector_for(size: int) -> RetinaFaceDetector:
+            if size not in detectors:
+                detectors[size] = RetinaFaceDetector(
+                    detector, score_threshold=min(0.3, det_threshold), max_side=size, threads=threads
+                )
+            return detectors[size]
+
+        face_detector = detector_for(det_size)
         known = None
         if gallery is not None:
             known = Gallery.load(gallery)
@@ -289,11 +245,11 @@ def run(
 
         annotator = None
         if save_video is not None:
-            annotator = VideoAnnotator(save_video, source.fps, (source.width, source.height))
+            only = next(iter(opened.opened.values()))
+            annotator = VideoAnnotator(save_video, only.fps, (only.width, only.height))
             stack.callback(annotator.close)
         attach = stack.enter_context(
             ri.integrations(
-                ri.source_id(video),
                 backend=engine.describe(),
                 precision=engine.precision,
                 metrics_port=metrics_port,
@@ -309,7 +265,7 @@ def run(
         events = EventWriter(out, overwrite=overwrite)
         stack.callback(events.close)
 
-        latency = max_latency_ms if max_latency_ms is not None else (100.0 if source.live else 1000.0)
+        latency = max_latency_ms if max_latency_ms is not None else (100.0 if opened.live else 1000.0)
         config = PipelineConfig(
             detect_threshold=det_threshold,
             match_threshold=threshold,
@@ -319,23 +275,39 @@ def run(
             max_latency_s=latency / 1000.0,
             budget=RecognitionBudget(every=embed_every, max_embeddings=max_embeddings),
             include_embeddings=embeddings,
+            max_age=max_age,
+            detect_every=detect_every,
         )
-        tracker = Tracker(detect_threshold=det_threshold, max_age=max_age)
         pipeline = Pipeline(
             face_detector,
             FaceEncoder(engine, loaded.manifest.preprocessing, flip=flip),
             events,
             gallery=known,
             annotator=annotator,
-            tracker=tracker,
             config=config,
         )
+        entries: list[dict[str, Any]] = []
+        for sid, source in opened.opened.items():
+            spec = opened.specs[sid]
+            size = spec.det_size or det_size
+            header_entry = rs.source_entry(sid, source, spec, size)
+            entries.append(header_entry)
+            pipeline.add_stream(
+                sid,
+                detector=detector_for(size),
+                roi=spec.roi,
+                source_stats=source.stats,
+                header={k: v for k, v in header_entry.items() if k != "id"},
+            )
+        entries += opened.failed
         pipeline.audit = auditor.bind(events) if auditor is not None else None
-        attach(pipeline, source.stats)
+        attach(pipeline)
         backend_text = engine.describe()
         if loaded.manifest.model.get("random_weights") or demo:
             console.print(DEMO_WARNING, highlight=False)
-        console.print(f"source: {escape(source.describe())}", highlight=False)
+        for sid, source in opened.opened.items():
+            label = f"source {sid}" if len(specs) > 1 else "source"
+            console.print(f"{label}: {escape(source.describe())}", highlight=False)
         console.print(escape(engine.selection or f"backend: {backend_text}"), highlight=False)  # choice and why
         console.print(
             escape(f"bundle: {bundle_dir}  detector: {face_detector.name}")
@@ -343,12 +315,7 @@ def run(
             highlight=False,
         )
         header = {
-            "source": str(video),
-            "kind": source.kind,
-            "fps": source.fps,
-            "width": source.width,
-            "height": source.height,
-            "frame_count": source.frame_count,
+            "sources": entries,
             "bundle": str(bundle_dir),
             "backend": backend_text,
             "precision": engine.precision,
@@ -356,6 +323,8 @@ def run(
             "gallery": str(gallery) if gallery is not None else None,
             "gallery_size": len(known) if known is not None else 0,
             "threshold": threshold,
+            "detect_every": detect_every,
+            "max_batch": config.max_batch,
             "random_weights": bool(loaded.manifest.model.get("random_weights")),
             "warnings": warnings,
             **audit_header,
@@ -374,46 +343,34 @@ def run(
             now = time.monotonic()
             if live is not None and now - last_draw >= 0.25:
                 last_draw = now
-                table = live_table(stats, backend_text, tracker.active)
+                table = live_table(stats, backend_text, pipeline)
                 if auditor is not None:
                     table.add_row("audit", auditor.status())
                 live.update(table)
 
+        mux = SourceMux(opened.opened)
         source_error: str | None = None
-        with _sigterm_as_interrupt(), live if live is not None else contextlib.nullcontext():
+        with sigterm_as_interrupt(), live if live is not None else contextlib.nullcontext():
             try:
-                stats = pipeline.run(
-                    source, source_stats=source.stats, header=header, on_frame=on_frame, max_frames=max_frames
+                mux.start()
+                stats = pipeline.run_rounds(
+                    mux.rounds(),
+                    header=header,
+                    on_frame=on_frame,
+                    max_frames=max_frames,
+                    stop=mux.stop,
+                    failed=opened.failed,
                 )
             except FaceMoEError as exc:
                 source_error, stats = str(exc), pipeline.stats
             except AuditStop as exc:
                 stats = pipeline.stats
                 console.print(f"[bold red]stopped:[/] {escape(str(exc))}", highlight=False)
+            finally:
+                mux.close()
         if pipeline.video_path is not None and annotator is not None:
             console.print(f"annotated video: {escape(str(pipeline.video_path))} ({annotator.frames} frames)")
-        console.print(summary(stats))
-        if source.live:
-            console.print("(decode runs in a background thread on live sources, beside the other stages)")
-        console.print(escape(totals(stats, events, backend_text)), highlight=False)
-        if stats.frames == 0:
-            console.print("[yellow]warning:[/] no frame could be processed", highlight=False)
-        elif stats.faces == 0:
-            console.print(f"[yellow]warning:[/] no faces detected in {stats.frames} frames", highlight=False)
-        for reason, count in stats.skipped_frames.items():
-            console.print(f"[yellow]skipped {count} frames:[/] {reason.replace('_', ' ')}", highlight=False)
-        if stats.faces_too_small:
-            console.print(
-                f"skipped {stats.faces_too_small} faces below {min_eye_distance:g} px eye distance", highlight=False
-            )
-        if source.stats.corrupt:
-            console.print(f"[yellow]skipped {source.stats.corrupt} undecodable frames[/]", highlight=False)
-        if source.stats.ended_early:
-            console.print(
-                f"[yellow]warning:[/] the file ended after {source.stats.decoded} of {source.frame_count} frames "
-                "(truncated or damaged)",
-                highlight=False,
-            )
+        report(pipeline, stats, events, backend_text, min_eye_distance)
         for line in audit_lines(auditor.summary() if auditor is not None else None):
             console.print(line, highlight=False)
         if auditor is not None and auditor.saved:
@@ -422,8 +379,13 @@ def run(
             console.print(f"events: {escape(out)}", highlight=False)
         if auditor is not None and auditor.stopped:
             raise typer.Exit(EXIT_ACCURACY_ALARM)
-        if source_error is not None:
-            console.print(f"[bold red]error:[/] {escape(source_error)}", highlight=False, soft_wrap=True)
+        errors = [str(f["error"]) for f in opened.failed]
+        errors += [s.error for s in pipeline.streams if s.ended == "source_error" and s.error]
+        if source_error is not None and source_error not in errors:
+            errors.append(source_error)
+        if errors:
+            for error in errors:
+                console.print(f"[bold red]error:[/] {escape(error)}", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_USER_ERROR)
         if stats.interrupted:
             console.print("[yellow]interrupted: events and video finalised[/]")

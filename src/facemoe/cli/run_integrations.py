@@ -6,7 +6,6 @@ import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlsplit
 
 import typer
 
@@ -33,19 +32,14 @@ MqttCa = Annotated[Path | None, typer.Option(help="CA certificate file for the b
 
 
 def source_id(video: str) -> str:
-    """The id a source's metrics and topics carry: a file's or URL's name stem, ``webcam<N>``."""
-    text = video.strip()
-    if text.isdigit():
-        return f"webcam{int(text)}"
-    if "://" in text:
-        parts = urlsplit(text)
-        return Path(parts.path).stem or parts.hostname or "stream"
-    return Path(text).stem or "source"
+    """The id a source's events, metrics and topics carry: a file's or URL's name stem, ``webcam<N>``."""
+    from facemoe.runtime.source_spec import default_id
+
+    return default_id(video)
 
 
 @contextlib.contextmanager
 def integrations(
-    source: str,
     *,
     backend: str,
     precision: str,
@@ -58,7 +52,7 @@ def integrations(
     mqtt_ca: Path | None,
     say: Callable[[str], None],
 ) -> Any:
-    """Open the metrics server and the MQTT client; yields ``attach(pipeline, source_stats)``.
+    """Open the metrics server and the MQTT client; yields ``attach(pipeline)``.
 
     Both are opened before any output file is made, so a port in use or a bad CA file leaves nothing behind.
     On exit the MQTT client waits (bounded) for its last acknowledgements and the summary says what was lost.
@@ -68,7 +62,7 @@ def integrations(
     metrics = sink = None
     with contextlib.ExitStack() as stack:
         if metrics_port is not None:
-            metrics = RunMetrics(source, backend=backend, precision=precision)
+            metrics = RunMetrics(backend=backend, precision=precision)
             port = metrics.serve(metrics_port, metrics_host)
             stack.callback(metrics.close)
             say(f"metrics: http://{metrics_host}:{port}/metrics")
@@ -76,8 +70,8 @@ def integrations(
             from facemoe.runtime.mqtt_sink import MqttSink, parse_mqtt_url
 
             target = parse_mqtt_url(mqtt)
-            sink = MqttSink(target, source, username=mqtt_user, password=mqtt_password, tls=mqtt_tls, ca_file=mqtt_ca)
-            say(f"mqtt: {target.host}:{target.port} topics {target.prefix}/{sink.source}/<event>")
+            sink = MqttSink(target, username=mqtt_user, password=mqtt_password, tls=mqtt_tls, ca_file=mqtt_ca)
+            say(f"mqtt: {target.host}:{target.port} topics {target.prefix}/<source>/<event>, run events on _run")
 
             def report_end() -> None:
                 done = sink.close(timeout_s=MQTT_LAST_S)
@@ -86,9 +80,9 @@ def integrations(
 
             stack.callback(report_end)
 
-        def attach(pipeline: Any, source_stats: Any) -> None:
+        def attach(pipeline: Any) -> None:
             if metrics is not None:
-                metrics.attach(pipeline, source_stats)
+                metrics.attach(pipeline)
             if sink is not None:
                 pipeline.events.listeners.append(sink)
                 pipeline.events.closing.append(lambda: {"mqtt": sink.drain(MQTT_DRAIN_S)})

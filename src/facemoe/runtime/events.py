@@ -22,7 +22,7 @@ import numpy as np
 
 from facemoe.errors import InputError, OutputError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # The file layer every events line goes through (tests put a full disk here).
 _os_write = os.write
 
@@ -104,7 +104,9 @@ class EventWriter:
         if event == "run_ended":
             for hook in self.closing:
                 fields.update(hook())
-        record = {"event": event, **_plain(fields)}
+        # Every event names its source (docs/EVENTS.md#several-sources); run-level events carry null.
+        source = fields.pop("source", None)
+        record = {"event": event, "source": source, **_plain(fields)}
         self.counts[event] += 1
         for listener in self.listeners:
             listener(record)

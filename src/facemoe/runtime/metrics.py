@@ -1,19 +1,22 @@
 """Prometheus metrics of a run, served as text at ``http://HOST:PORT/metrics`` (docs/EVENTS.md#integrations).
 
-The run's counts already live in ``RunStats`` and the source's ``SourceStats``: a collector reads them when
-scraped, so the stream pays nothing per frame for them. Only what has no running total is observed as it
+The run's counts already live in each stream's ``RunStats`` and its source's ``SourceStats``: a collector
+reads them when scraped, so the stream pays nothing per frame for them. Only what has no running total is observed as it
 happens: each timed pipeline step (a histogram per stage), each embedding batch's size, and each event.
 The registry is the run's own (not prometheus_client's global one), so several runs in one process never
-share a series. Every series carries a ``source`` label (the source id) so one process can serve several.
+share a series. Every series carries a ``source`` label: the source id, ``_all`` for what the sources share
+(embedding batches, the embed stage, the backend, the audit) and ``_run`` for run-level events.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client import CollectorRegistry, Histogram, Info
+from prometheus_client import Counter as PromCounter
 from prometheus_client.exposition import start_http_server
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -22,6 +25,10 @@ from facemoe.errors import FaceMoEError
 # Stage steps take microseconds (a track update) to seconds (a large batch on a CPU).
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+ALL = "_all"  # the label of what the sources share: the embedding batches, the backend, the audit
+RUN = "_run"  # the label of run-level events (run_started, run_ended, accuracy_*)
 
 
 class _Totals:
@@ -34,45 +41,56 @@ class _Totals:
         return []  # no fixed description: series appear once a pipeline is attached
 
     def collect(self) -> Iterator[Metric]:
-        m = self.metrics
-        source = m.source
-        stats, source_stats, pipeline = m.stats, m.source_stats, m.pipeline
-        counters: list[tuple[str, str, float]] = []
-        if stats is not None:
-            counters += [
-                ("frames", "Frames processed.", stats.frames),
-                ("faces", "Faces detected above the detection threshold.", stats.faces),
-                ("faces_too_small", "Faces skipped for a small eye distance.", stats.faces_too_small),
-                ("embeddings", "Faces embedded by the model.", stats.faces_embedded),
-                ("embedding_batches", "Model calls (embedding batches).", stats.batches),
-                ("tracks", "Tracks started.", stats.tracks),
-            ]
-        if source_stats is not None:
-            counters += [
-                (
-                    "dropped_frames",
-                    "Frames a live source dropped because the pipeline was behind.",
-                    source_stats.dropped,
-                ),
-                ("corrupt_frames", "Frames that could not be decoded.", source_stats.corrupt),
-                ("reconnects", "Reconnects of a lost stream.", source_stats.reconnects),
-            ]
-        for name, doc, value in counters:
-            family = CounterMetricFamily(f"facemoe_{name}", doc, labels=["source"])
-            family.add_metric([source], float(value))
-            yield family
-        if stats is not None:
-            skipped = CounterMetricFamily(
-                "facemoe_skipped_frames", "Frames skipped (unreadable, too small).", labels=["source", "reason"]
+        pipeline = self.metrics.pipeline
+        if pipeline is None:
+            return
+        streams = list(pipeline.streams)
+        families = {
+            name: CounterMetricFamily(f"facemoe_{name}", doc, labels=["source"])
+            for name, doc in (
+                ("frames", "Frames processed."),
+                ("faces", "Faces detected above the detection threshold."),
+                ("faces_too_small", "Faces skipped for a small eye distance."),
+                ("embeddings", "Faces embedded by the model."),
+                ("tracks", "Tracks started."),
+                ("dropped_frames", "Frames a live source dropped because the pipeline was behind."),
+                ("corrupt_frames", "Frames that could not be decoded."),
+                ("reconnects", "Reconnects of a lost stream."),
             )
+        }
+        skipped = CounterMetricFamily(
+            "facemoe_skipped_frames", "Frames skipped (unreadable, too small).", labels=["source", "reason"]
+        )
+        depth = GaugeMetricFamily(
+            "facemoe_embedding_queue_depth", "Faces waiting for an embedding batch.", labels=["source"]
+        )
+        waiting = Counter(face.source for face in list(pipeline.batcher))
+        for stream in streams:
+            stats, source, sid = stream.stats, stream.stats.source, stream.id
+            for name, value in (
+                ("frames", stats.frames),
+                ("faces", stats.faces),
+                ("faces_too_small", stats.faces_too_small),
+                ("embeddings", stats.faces_embedded),
+                ("tracks", stats.tracks),
+                ("dropped_frames", source.dropped),
+                ("corrupt_frames", source.corrupt),
+                ("reconnects", source.reconnects),
+            ):
+                families[name].add_metric([sid], float(value))
             for reason, count in sorted(stats.skipped_frames.items()):
-                skipped.add_metric([source, reason], float(count))
-            yield skipped
-        if pipeline is not None:
-            depth = GaugeMetricFamily("facemoe_embedding_queue_depth", "Faces waiting for a batch.", labels=["source"])
-            depth.add_metric([source], float(pipeline.queued))
-            yield depth
-            yield from self._audit(pipeline.audit, source)
+                skipped.add_metric([sid, reason], float(count))
+            depth.add_metric([sid], float(waiting.get(sid, 0)))
+        depth.add_metric([ALL], float(sum(waiting.values())))
+        batches = CounterMetricFamily(
+            "facemoe_embedding_batches", "Model calls (embedding batches).", labels=["source"]
+        )
+        batches.add_metric([ALL], float(pipeline.stats.batches))
+        yield from families.values()
+        yield skipped
+        yield batches
+        yield depth
+        yield from self._audit(pipeline.audit, ALL)
 
     @staticmethod
     def _audit(auditor: Any, source: str) -> Iterator[Metric]:
@@ -100,50 +118,47 @@ class _Totals:
 
 
 class RunMetrics:
-    """The metrics of one source's run; ``attach`` a pipeline, ``serve`` them, ``close`` at the end."""
+    """The metrics of a run (every source of it); ``attach`` a pipeline, ``serve`` them, ``close`` at the end."""
 
-    def __init__(self, source: str, *, backend: str, precision: str) -> None:
-        self.source = source
+    def __init__(self, *, backend: str, precision: str) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.stats: Any = None
-        self.source_stats: Any = None
         self.pipeline: Any = None
         self.stage_seconds = Histogram(
             "facemoe_stage_seconds",
-            "Wall time of one timed pipeline step, per stage.",
+            "Wall time of one timed pipeline step, per source and stage (source _all: shared by the sources).",
             ["source", "stage"],
             registry=self.registry,
             buckets=STAGE_BUCKETS,
         )
         self.batch_size = Histogram(
             "facemoe_embedding_batch_size",
-            "Faces per embedding batch (model call).",
+            "Faces per embedding batch (model call), the batches shared by every source.",
             ["source"],
             registry=self.registry,
             buckets=BATCH_BUCKETS,
         )
-        self.events = Counter(
-            "facemoe_events", "Events emitted, per event type.", ["source", "event"], registry=self.registry
+        self.events = PromCounter(
+            "facemoe_events", "Events emitted, per source and event type.", ["source", "event"], registry=self.registry
         )
         Info("facemoe_backend", "Inference backend and model precision.", ["source"], registry=self.registry).labels(
-            source
+            ALL
         ).info({"backend": backend, "precision": precision})
         self.registry.register(_Totals(self))
         self._server: Any = None
         self._thread: threading.Thread | None = None
 
-    def attach(self, pipeline: Any, source_stats: Any = None) -> None:
-        """Observe ``pipeline`` (runtime.pipeline.Pipeline): its stage timer, batches and events."""
-        self.pipeline, self.stats, self.source_stats = pipeline, pipeline.stats, source_stats
+    def attach(self, pipeline: Any) -> None:
+        """Observe ``pipeline`` (runtime.pipeline.Pipeline): its stage timer, batches, events and streams."""
+        self.pipeline = pipeline
         pipeline.timer.observer = self.observe_stage
-        pipeline.on_batch = self.batch_size.labels(self.source).observe
+        pipeline.on_batch = self.batch_size.labels(ALL).observe
         pipeline.events.listeners.append(self.observe_event)
 
-    def observe_stage(self, stage: str, seconds: float) -> None:
-        self.stage_seconds.labels(self.source, stage).observe(seconds)
+    def observe_stage(self, stage: str, seconds: float, source: str | None = None) -> None:
+        self.stage_seconds.labels(source or ALL, stage).observe(seconds)
 
     def observe_event(self, record: dict[str, Any]) -> None:
-        self.events.labels(self.source, str(record.get("event"))).inc()
+        self.events.labels(record.get("source") or RUN, str(record.get("event"))).inc()
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Serve ``/metrics`` from a background thread; returns the port (useful with port 0)."""

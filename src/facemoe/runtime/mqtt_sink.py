@@ -1,5 +1,7 @@
 """Every event published as JSON to an MQTT broker, ``PREFIX/<source>/<event>``, QoS 1 (docs/EVENTS.md#integrations).
 
+``<source>`` is the event's ``source`` id; run-level events (``source`` null) go to ``PREFIX/_run/<event>``.
+
 paho-mqtt runs the network loop in its own thread and reconnects with back-off. A publish only puts the
 message in paho's out-queue (it is written by that thread), so the stream never waits for the broker; while
 the broker is unreachable the queue holds up to ``buffer`` messages, which go out once it is back (QoS 1:
@@ -49,6 +51,9 @@ def parse_mqtt_url(url: str) -> MqttTarget:
     return MqttTarget(parts.hostname, port, prefix, parts.scheme == "mqtts")
 
 
+RUN_TOPIC = "_run"  # the topic level of run-level events (run_started, run_ended, accuracy_*)
+
+
 def topic_part(text: str) -> str:
     """A source id as one topic level: no separators or wildcards."""
     return "".join("_" if c in "/+#" or ord(c) < 32 else c for c in text) or "source"
@@ -60,7 +65,6 @@ class MqttSink:
     def __init__(
         self,
         target: MqttTarget,
-        source: str,
         *,
         username: str | None = None,
         password: str | None = None,
@@ -69,7 +73,7 @@ class MqttSink:
         buffer: int = 10000,
         reconnect_s: tuple[int, int] = (1, 30),
     ) -> None:
-        self.target, self.source = target, topic_part(source)
+        self.target = target
         self.published = 0  # accepted into the out-queue
         self.dropped = 0  # refused: the queue was full (the broker away too long)
         self.delivered = 0  # acknowledged by the broker (PUBACK)
@@ -122,7 +126,8 @@ class MqttSink:
         self.client.loop_start()
 
     def __call__(self, record: dict[str, Any]) -> None:
-        topic = f"{self.target.prefix}/{self.source}/{record.get('event')}"
+        source = record.get("source")
+        topic = f"{self.target.prefix}/{topic_part(source) if source is not None else RUN_TOPIC}/{record.get('event')}"
         payload = json.dumps(record, ensure_ascii=False, allow_nan=False)
         # Not under our lock: paho calls on_publish while holding its own, and publish() takes that one.
         info = self.client.publish(topic, payload, qos=1)

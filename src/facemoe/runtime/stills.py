@@ -83,15 +83,26 @@ def emit_still(
     frame: int,
     timestamp: float,
     size: tuple[int, int],
+    source: str | None = None,
 ) -> None:
-    """An ``image`` event, then a ``face`` event per face."""
+    """An ``image`` event, then a ``face`` event per face (of the source ``source``)."""
     width, height = size
     embedded = sum(f.embedded for f in faces)
-    events.emit("image", image=image, frame=frame, width=width, height=height, faces=len(faces), embedded=embedded)
+    events.emit(
+        "image",
+        source=source,
+        image=image,
+        frame=frame,
+        width=width,
+        height=height,
+        faces=len(faces),
+        embedded=embedded,
+    )
     for number, face in enumerate(faces):
         det = face.detection
         events.emit(
             "face",
+            source=source,
             image=image,
             face=number,
             identity=face.identity,

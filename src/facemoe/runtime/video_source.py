@@ -324,6 +324,10 @@ class VideoSource:
             cap.release()
         return None
 
+    def stop(self) -> None:
+        """Ask the iteration (and a live source's reader) to end soon; ``close`` releases the capture."""
+        self._stop.set()
+
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
