@@ -144,6 +144,14 @@ def write_manifest(bundle_dir: str | Path, manifest: Manifest) -> Path:
     return path
 
 
+def copy_manifest(bundle_dir: str | Path, directory: str | Path) -> Path:
+    """The bundle's manifest, byte for byte, into ``directory`` (a Triton repository keeps it beside the models
+    so hashes and parity travel with them, docs/SCALE_OUT.md#manifest-contract); the bundle is not changed."""
+    target = Path(directory) / MANIFEST_NAME
+    target.write_bytes((Path(bundle_dir) / MANIFEST_NAME).read_bytes())
+    return target
+
+
 @contextlib.contextmanager
 def manifest_lock(bundle_dir: str | Path) -> Iterator[None]:
     """Serialise read-modify-write of a manifest between processes (POSIX; a no-op elsewhere)."""

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from facemoe.bundle import MANIFEST_NAME, Bundle
+from facemoe.bundle import copy_manifest as copy_bundle_manifest
 from facemoe.errors import FaceMoEError, OutputError
 from facemoe.fileio import atomic_directory, sha256_file
 from facemoe.triton.config import DynamicBatching, EnsembleStep, InstanceGroup, ModelConfig, Tensor
@@ -149,7 +150,7 @@ def write_preprocess(root: Path, config: ModelConfig) -> None:
 
 def copy_manifest(bundle: Bundle, root: Path) -> None:
     """The bundle's manifest (and parity report) beside the models: hashes and parity travel with them."""
-    shutil.copyfile(bundle.root / MANIFEST_NAME, root / MANIFEST_NAME)
+    copy_bundle_manifest(bundle.root, root)
     parity = bundle.root / "parity.json"
     if parity.is_file():
         shutil.copyfile(parity, root / "parity.json")
