@@ -41,6 +41,14 @@ def test_a_busy_source_cannot_starve_a_quiet_one() -> None:
     later.add(_face("quiet", 5.0))
     assert [p.queued_at for p in later.take(3.05)] == [1.0, 2.0]
     assert later.batches == 1 and later.mean_batch == 2.0
+    # Overloaded: every face is overdue; the quiet camera's still goes in the first batch.
+    loaded = EmbedBatcher(max_batch=4, max_latency_s=0.1)
+    for k in range(12):
+        loaded.add(_face("busy", 1.0 + k * 0.01))
+    loaded.add(_face("quiet", 1.2))
+    first = loaded.take(1.5)
+    assert [p.source for p in first].count("quiet") == 1 and len(first) == 4, [p.source for p in first]
+    assert [p.queued_at for p in first if p.source == "busy"] == [1.0, 1.01, 1.02]  # oldest first within one
 
 
 # -- the sources file -------------------------------------------------------------------------------
@@ -65,13 +73,20 @@ def test_sources_file_yaml_and_json_and_errors(tmp_path: Path) -> None:
         ("{}", "expected a non-empty list"),
     ):
         yaml_file.write_text(text)
-        with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        with pytest.raises(
+            InputError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+        ) as err:
             load_sources_file(yaml_file)
-        assert str(yaml_file) in message or True
+        assert str(err.value).startswith(f"{yaml_file}: "), str(err.value)  # the one line names the file
     json_file.write_text("[{")
     with pytest.raises(InputError, match=f"{json_file}: not valid JSON"):
         load_sources_file(json_file)
     assert [s.id for s in assign_ids([SourceSpec("x/a.mp4"), SourceSpec("y/a.mp4")])] == ["a", "a-2"]
+    # An explicit id is kept; a derived one steps aside, and never takes a reserved label.
+    specs = assign_ids([SourceSpec("x/a.mp4"), SourceSpec("y/b.mp4", id="a"), SourceSpec("v/_run.mp4")])
+    assert [s.id for s in specs] == ["a-2", "a", "_run-2"]
+    with pytest.raises(InputError, match="source id 'gate' is given to two sources"):
+        assign_ids([SourceSpec("a.mp4", id="gate"), SourceSpec("b.mp4", id="gate")])
 
 
 # -- whole runs -------------------------------------------------------------------------------------

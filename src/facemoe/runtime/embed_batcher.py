@@ -2,8 +2,8 @@
 
 Faces from all sources wait in one queue; a batch is due when the queue holds ``max_batch`` faces or its
 oldest face has waited ``max_latency_s``. When more faces wait than one batch takes, the batch takes the
-overdue faces first (oldest first), then fills round-robin across sources (oldest first within a source), so
-a busy camera cannot keep a quiet camera's face out of a batch beyond the latency bound
+overdue faces first, then the others, each group shared round-robin across sources (oldest first within a
+source), so a busy camera cannot keep a quiet camera's face out of a batch beyond the latency bound
 (docs/EVENTS.md#several-sources). Pure bookkeeping: the model call is the caller's.
 """
 
@@ -63,25 +63,33 @@ class EmbedBatcher:
             batch, self._pending = self._pending, []
             self._count(batch)
             return batch
+        # Overdue faces first, then the rest; within each group, round-robin across sources so that a busy
+        # camera's backlog cannot push a quiet camera's face into a later batch, overloaded or not.
         overdue = [p for p in self._pending if now - p.queued_at >= self.max_latency_s]
-        chosen = overdue[: self.max_batch]
-        taken = {p.seq for p in chosen}
-        by_source: dict[str, list[PendingFace]] = {}
-        for p in self._pending:  # in arrival order: each source's list is oldest first
-            if p.seq not in taken:
-                by_source.setdefault(p.source, []).append(p)
-        queues = sorted(by_source.values(), key=lambda q: q[0].seq)  # the longest-waiting source first
-        while len(chosen) < self.max_batch and queues:
-            for queue in list(queues):
-                if len(chosen) >= self.max_batch:
-                    break
-                chosen.append(queue.pop(0))
-                if not queue:
-                    queues.remove(queue)
+        fresh = [p for p in self._pending if now - p.queued_at < self.max_latency_s]
+        chosen = self._round_robin(overdue, self.max_batch)
+        chosen += self._round_robin(fresh, self.max_batch - len(chosen))
         taken = {p.seq for p in chosen}
         self._pending = [p for p in self._pending if p.seq not in taken]
         chosen.sort(key=lambda p: p.seq)
         self._count(chosen)
+        return chosen
+
+    @staticmethod
+    def _round_robin(faces: list[PendingFace], limit: int) -> list[PendingFace]:
+        """Up to ``limit`` of ``faces`` (in arrival order), one per source in turn, oldest first in each."""
+        by_source: dict[str, list[PendingFace]] = {}
+        for p in faces:
+            by_source.setdefault(p.source, []).append(p)
+        queues = sorted(by_source.values(), key=lambda q: q[0].seq)  # the longest-waiting source first
+        chosen: list[PendingFace] = []
+        while len(chosen) < limit and queues:
+            for queue in list(queues):
+                if len(chosen) >= limit:
+                    break
+                chosen.append(queue.pop(0))
+                if not queue:
+                    queues.remove(queue)
         return chosen
 
     def _count(self, batch: list[PendingFace]) -> None:

@@ -78,7 +78,8 @@ class _Totals:
                 ("reconnects", source.reconnects),
             ):
                 families[name].add_metric([sid], float(value))
-            for reason, count in sorted(stats.skipped_frames.items()):
+            # A copy: the pipeline thread may add a reason while this scrape runs.
+            for reason, count in sorted(dict(stats.skipped_frames).items()):
                 skipped.add_metric([sid, reason], float(count))
             depth.add_metric([sid], float(waiting.get(sid, 0)))
         depth.add_metric([ALL], float(sum(waiting.values())))

@@ -30,6 +30,9 @@ class SourceSpec:
     reconnect_attempts: int | None = None  # None: the run's --reconnect-attempts
 
 
+RESERVED_IDS = ("_run", "_all")  # the run's own MQTT topic level; the metrics label of what sources share
+
+
 def default_id(video: str) -> str:
     """A file's or URL's name stem, ``webcam<N>`` for a webcam index."""
     text = video.strip()
@@ -44,16 +47,25 @@ def default_id(video: str) -> str:
 def check_id(source_id: str, where: str) -> str:
     if not source_id or any(c in "/+#" or ord(c) < 32 for c in source_id):
         raise InputError(f"{where}: source id {source_id!r} may not be empty nor contain / + # or control characters")
-    if source_id == "_run":
-        raise InputError(f"{where}: source id '_run' is reserved (the run's own MQTT topic)")
+    if source_id in RESERVED_IDS:
+        raise InputError(f"{where}: source id {source_id!r} is reserved (the run's own MQTT topic / metrics label)")
     return source_id
 
 
 def assign_ids(specs: list[SourceSpec]) -> list[SourceSpec]:
-    """Fill missing ids from the video; make repeated ids unique with ``-2``, ``-3``..."""
-    used: set[str] = set()
+    """Fill missing ids from the video, never taking an id given explicitly (or a reserved one); ids
+    derived twice get ``-2``, ``-3``...; the same explicit id on two sources is refused."""
+    explicit: set[str] = set()
     for spec in specs:
-        base = spec.id or "".join("_" if c in "/+#" or ord(c) < 32 else c for c in default_id(spec.video))
+        if spec.id is not None:
+            if spec.id in explicit:
+                raise InputError(f"--sources/--video: source id {spec.id!r} is given to two sources (ids are unique)")
+            explicit.add(spec.id)
+    used = set(explicit) | set(RESERVED_IDS)
+    for spec in specs:
+        if spec.id is not None:
+            continue
+        base = "".join("_" if c in "/+#" or ord(c) < 32 else c for c in default_id(spec.video))
         candidate, number = base, 1
         while candidate in used:
             number += 1

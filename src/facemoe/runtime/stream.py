@@ -215,8 +215,10 @@ class Stream:
         self._hold(image, frame)
 
     def _apply(self, update: TrackUpdate, image: np.ndarray, frame: Frame) -> None:
-        if update.ended:
-            self.shared.flush_all()  # a track's identity events come before its track_ended
+        if any(track.pending for track in update.ended):
+            # A track's identity events come before its track_ended; only then is the shared queue flushed
+            # early, so one camera's ended tracks do not shrink every camera's batches.
+            self.shared.flush_all()
             for track in update.ended:
                 self.end_track(track, "lost")
         for track in update.started:
